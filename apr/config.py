@@ -1,0 +1,139 @@
+"""Typed configs: dataclasses with the paper's defaults, loaded from YAML presets.
+
+A preset file holds one section per stage (`datagen:`, later `sft:` ...); `--set a.b=v`
+overrides any field. Loading checks every key and value before any work starts and says which
+key is wrong and what it may be.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key and what it may be."""
+
+
+def check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def check_range(key: str, value: float, low: float | None = None, high: float | None = None) -> None:
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = (f"between {low} and {high}" if low is not None and high is not None
+                  else f">= {low}" if low is not None else f"<= {high}")
+        raise ConfigError(f"{key}: {value} is out of range, must be {bounds}")
+
+
+def check_choice(key: str, value: str, choices: typing.Iterable[str]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(kind)
+        if value is None and type(None) in options:
+            return None
+        kind = next(o for o in options if o is not type(None))
+        origin = typing.get_origin(kind)
+    if dataclasses.is_dataclass(kind):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {kind.__name__} fields, got {value!r}")
+        return from_dict(kind, value, key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(kind)[:1]
+        items = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type[T], data: dict, where: str = "") -> T:
+    """Build `cls` from a mapping: unknown keys, wrong types and invalid values are errors."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    prefix = f"{where}." if where else ""
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; {cls.__name__} has "
+                          f"{', '.join(names)}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except ConfigError as e:
+            raise ConfigError(f"{prefix}{e}") from None
+    return obj
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply `a.b.c=value` (value read as YAML: 3, 0.5, true, mult) to a nested mapping."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {assignment!r}: expected key=value, e.g. problems.train_size=1000")
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def load(cls: type[T], path: str | Path | None, section: str,
+         overrides: typing.Sequence[str] = ()) -> T:
+    """The `section` of a preset file (or the defaults when there is no file), plus overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist (presets live in configs/)")
+        document = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(document, dict):
+            raise ConfigError(f"{path}: expected a mapping of stage sections")
+        data = document.get(section) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: section {section!r} must be a mapping")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return from_dict(cls, data, section)
+
+
+def dump(obj: Any, section: str) -> str:
+    return yaml.safe_dump({section: to_dict(obj)}, sort_keys=False)
