@@ -1,6 +1,8 @@
 # The two quick-start commands: `make demo` (the main job on the local preset) and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
+# The CPU build of PyTorch (this pin installs from the local wheel cache on the dev machines).
+TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 DEMO_OUT ?= runs/demo/data
 
@@ -11,6 +13,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet '$(TORCH)'
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 

@@ -18,7 +18,11 @@ import yaml
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """Bad input the user must fix; the CLI prints the message, not a traceback."""
+
+
+class ConfigError(InputError):
     """A config that cannot run; the message names the key and what it may be."""
 
 

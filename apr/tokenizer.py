@@ -80,7 +80,9 @@ def load(directory: str | Path) -> Tokenizer:
     return Tokenizer.from_file(str(path))
 
 
-_PHRASE = re.compile("|".join(re.escape(p) for p in sorted(PHRASES, key=len, reverse=True)))
+# Special-token strings inside text are matched like phrases by the tokenizer, so count them too.
+_PHRASE = re.compile("|".join(re.escape(p) for p in sorted(PHRASES + SPECIAL_TOKENS, key=len,
+                                                            reverse=True)))
 
 
 def count_tokens(text: str) -> int:

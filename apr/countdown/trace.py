@@ -281,6 +281,13 @@ def _ops(text: str) -> tuple[Operation, ...]:
 
 def parse_line(line: str) -> Event | None:
     """The event a line writes, or None when it is not a line of the language."""
+    try:
+        return _parse_line(line)
+    except ValueError:  # a digit run longer than int() accepts (4300 digits): not a trace line
+        return None
+
+
+def _parse_line(line: str) -> Event | None:
     if line in _CONSTANT_LINES:
         return _CONSTANT_LINES[line]
     for marker, pattern in _PATTERNS:
@@ -317,7 +324,7 @@ def parse_line(line: str) -> Event | None:
 def split_budget(text: str) -> tuple[Budget | None, str]:
     """Separate a leading conditioning prefix from the rest of the text."""
     m = _BUDGET.match(text)
-    if m is None:
+    if m is None or len(m.group(2)) > 18:
         return None, text
     return Budget(m.group(1), int(m.group(2))), text[m.end():]
 

@@ -1,0 +1,197 @@
+"""SFT sequences from solver traces, and length-bucketed batches with no padding to speak of.
+
+One sequence per thread (APR: every parent segment and every child; SoS+: one per problem):
+BOS + prompt + text + EOS, with the loss on the text and EOS only. Sequences longer than the
+context are dropped and counted. Batches group sequences of similar length under a token
+budget; right padding needs no attention mask in a causal model (no real token attends to a
+later pad), so a sequence's logits do not depend on its batch-mates.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from apr import tokenizer as domain_tokenizer
+from apr.config import InputError
+
+TRACE_KINDS = ("apr", "sos")
+KEEP = ("all", "solved")
+
+
+class DataError(InputError):
+    """Training data that cannot be used; the message says what to fix."""
+
+
+def shard_paths(data_dir: str | Path, kind: str, split: str) -> list[Path]:
+    directory = Path(data_dir) / "traces" / kind
+    paths = sorted(directory.glob(f"{split}-*.jsonl")) + sorted(directory.glob(f"{split}-*.jsonl.gz"))
+    return sorted(paths)
+
+
+def read_records(data_dir: str | Path, kind: str, split: str) -> Iterator[dict]:
+    """Trace records of one split, shard by shard (plain or gzip JSONL)."""
+    paths = shard_paths(data_dir, kind, split)
+    if not paths:
+        raise DataError(f"no {kind} trace shards for split {split!r} under "
+                        f"{Path(data_dir) / 'traces' / kind}: is this an `apr datagen` output?")
+    for path in paths:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt") as f:
+            for line in f:
+                yield json.loads(line)
+
+
+def check_tokenizer(data_dir: str | Path) -> None:
+    """The data's tokenizer must be the one the model is built with (same vocabulary)."""
+    path = Path(data_dir) / "tokenizer"
+    saved = domain_tokenizer.load(path).get_vocab(with_added_tokens=True)
+    current = domain_tokenizer.build().get_vocab(with_added_tokens=True)
+    if saved != current:
+        raise DataError(f"the tokenizer in {path} does not match this version's domain "
+                        "tokenizer: regenerate the data with `apr datagen`")
+
+
+@dataclass
+class Sequences:
+    """Token sequences stored flat: sequence i is tokens[offsets[i]:offsets[i+1]], and its
+    first `prompt_lengths[i]` tokens (BOS + prompt) carry no loss."""
+
+    tokens: np.ndarray  # int16
+    offsets: np.ndarray  # int64, n + 1
+    prompt_lengths: np.ndarray  # int32, n
+    dropped: int = 0  # sequences longer than the context
+
+    def __len__(self) -> int:
+        return len(self.prompt_lengths)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def sequence(self, i: int) -> np.ndarray:
+        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+
+    @property
+    def target_tokens(self) -> int:
+        return int(self.lengths.sum() - self.prompt_lengths.sum())
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".partial.npz")
+        np.savez(tmp, tokens=self.tokens, offsets=self.offsets,
+                 prompt_lengths=self.prompt_lengths, dropped=np.array(self.dropped))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Sequences:
+        with np.load(path, allow_pickle=False) as f:
+            return cls(f["tokens"], f["offsets"], f["prompt_lengths"], int(f["dropped"]))
+
+
+def thread_pairs(records: Iterator[dict], keep: str) -> Iterator[tuple[str, str]]:
+    for record in records:
+        if keep == "solved" and not record["solved"]:
+            continue
+        for thread in record["threads"]:
+            yield thread["prompt"], thread["text"]
+
+
+def build_sequences(pairs: Iterator[tuple[str, str]], context: int,
+                    batch: int = 4096) -> Sequences:
+    """Tokenize (prompt, text) pairs into sequences, dropping those longer than `context`."""
+    tok = domain_tokenizer.build()
+    bos = tok.token_to_id(domain_tokenizer.BOS)
+    eos = tok.token_to_id(domain_tokenizer.EOS)
+    chunks: list[np.ndarray] = []
+    lengths: list[int] = []
+    prompts: list[int] = []
+    dropped = 0
+
+    def flush(buffer: list[tuple[str, str]]) -> None:
+        nonlocal dropped
+        encoded = tok.encode_batch([p for p, _ in buffer] + [t for _, t in buffer],
+                                   add_special_tokens=False)
+        n = len(buffer)
+        for prompt, text in zip(encoded[:n], encoded[n:]):
+            length = len(prompt.ids) + len(text.ids) + 2
+            if length > context:
+                dropped += 1
+                continue
+            chunks.append(np.array([bos, *prompt.ids, *text.ids, eos], dtype=np.int16))
+            lengths.append(length)
+            prompts.append(len(prompt.ids) + 1)
+
+    buffer: list[tuple[str, str]] = []
+    for pair in pairs:
+        buffer.append(pair)
+        if len(buffer) == batch:
+            flush(buffer)
+            buffer = []
+    if buffer:
+        flush(buffer)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int16)
+    return Sequences(tokens, offsets, np.array(prompts, dtype=np.int32), dropped)
+
+
+def load_sequences(data_dir: str | Path, kind: str, split: str, keep: str, context: int
+                   ) -> Sequences:
+    if kind not in TRACE_KINDS:
+        raise DataError(f"unknown trace kind {kind!r}: choose one of {TRACE_KINDS}")
+    return build_sequences(thread_pairs(read_records(data_dir, kind, split), keep), context)
+
+
+def plan_batches(lengths: np.ndarray, tokens_per_batch: int, pad_multiple: int, seed: int,
+                 epoch: int) -> list[np.ndarray]:
+    """Index batches for one epoch: sequences sorted by length (ties broken at random), cut
+    so that batch size x padded length stays within `tokens_per_batch`, then shuffled.
+
+    Deterministic in (seed, epoch), so a resumed run sees the same batches in the same order.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = np.lexsort((rng.random(len(lengths)), lengths))
+    batches: list[np.ndarray] = []
+    start = 0
+    while start < len(order):
+        end = start
+        while end < len(order):
+            padded = padded_length(int(lengths[order[end]]), pad_multiple)
+            if (end - start + 1) * padded > tokens_per_batch:
+                break
+            end += 1
+        if end == start:
+            raise DataError(f"a {lengths[order[start]]}-token sequence does not fit "
+                            f"tokens_per_batch={tokens_per_batch}: raise it to at least the context")
+        batches.append(order[start:end])
+        start = end
+    rng.shuffle(batches)
+    return batches
+
+
+def padded_length(length: int, multiple: int) -> int:
+    return int(math.ceil(length / multiple) * multiple)
+
+
+def collate(seqs: Sequences, indices: np.ndarray, pad_multiple: int, pad_id: int
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded input ids and a loss mask over next-token targets, both (B, L).
+
+    `mask[b, t]` is 1 where token t+1 of row b is a target (text or EOS).
+    """
+    longest = max(int(seqs.offsets[i + 1] - seqs.offsets[i]) for i in indices)
+    width = padded_length(longest, pad_multiple)
+    ids = np.full((len(indices), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(indices), width), dtype=np.float32)
+    for row, i in enumerate(indices):
+        seq = seqs.sequence(int(i))
+        ids[row, :len(seq)] = seq
+        mask[row, seqs.prompt_lengths[i] - 1:len(seq) - 1] = 1.0
+    return ids, mask

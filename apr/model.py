@@ -1,0 +1,121 @@
+"""Model presets: the Llama shape of the paper, built from config, saved as safetensors.
+
+A saved model directory holds config.json, model.safetensors, generation_config.json and the
+tokenizer files: `AutoModelForCausalLM` / `AutoTokenizer` load it, and it is what SGLang's
+`--model-path` expects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from apr import tokenizer as domain_tokenizer
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    max_position_embeddings: int = 4096
+
+
+# The paper's model is Llama-2 shaped: hidden 1024, 18 layers, 16 heads, MLP 2752, untied
+# embeddings, 4096-token context (arXiv 2504.15466, Section 4.1). `small` fits one GPU's
+# minutes; `tiny` (under 2M parameters) trains on a CPU in tests.
+PRESETS: dict[str, Shape] = {
+    "tiny": Shape(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  intermediate_size=344),
+    "small": Shape(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                   intermediate_size=1376),
+    "paper": Shape(hidden_size=1024, num_hidden_layers=18, num_attention_heads=16,
+                   intermediate_size=2752),
+}
+
+
+def shape(preset: str) -> Shape:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    return PRESETS[preset]
+
+
+def llama_config(preset: str, context: int | None = None):
+    """A `transformers.LlamaConfig` for a preset over the domain tokenizer's vocabulary."""
+    from transformers import LlamaConfig
+
+    s = shape(preset)
+    tok = domain_tokenizer.build()
+    ids = {name: tok.token_to_id(token) for name, token in (
+        ("bos", domain_tokenizer.BOS), ("eos", domain_tokenizer.EOS), ("pad", domain_tokenizer.PAD))}
+    return LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=s.hidden_size,
+        num_hidden_layers=s.num_hidden_layers,
+        num_attention_heads=s.num_attention_heads,
+        num_key_value_heads=s.num_attention_heads,
+        intermediate_size=s.intermediate_size,
+        max_position_embeddings=context or s.max_position_embeddings,
+        hidden_act="silu",
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+        initializer_range=0.02,
+        bos_token_id=ids["bos"],
+        eos_token_id=ids["eos"],
+        pad_token_id=ids["pad"],
+    )
+
+
+def build(preset: str, context: int | None = None, seed: int = 0):
+    """A freshly initialised `LlamaForCausalLM` (weights depend only on `seed`)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    config = llama_config(preset, context)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+def parameter_count(model, embeddings: bool = True) -> int:
+    total = sum(p.numel() for p in model.parameters())
+    if not embeddings:
+        total -= model.get_input_embeddings().weight.numel()
+    return total
+
+
+def save(model, directory: str | Path) -> Path:
+    """Write an HF model directory (safetensors + tokenizer), atomically: temp dir, then rename."""
+    directory = Path(directory)
+    partial = directory.with_name(directory.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    model.save_pretrained(partial, safe_serialization=True)
+    domain_tokenizer.save(partial, model_max_length=model.config.max_position_embeddings)
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(partial, directory)
+    return directory
+
+
+def load(directory: str | Path, device: str = "cpu", dtype=None):
+    """Load a saved model directory (safetensors only: nothing is unpickled)."""
+    from transformers import AutoModelForCausalLM
+
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory} is not a model directory (no config.json): "
+                                "point at the `model/` directory that `apr sft` writes")
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, use_safetensors=True)
+    return model.to(device)
+
+
+def describe(directory: str | Path) -> dict:
+    return json.loads((Path(directory) / "config.json").read_text())

@@ -1,0 +1,108 @@
+"""Plots and the Markdown report of an evaluation: the paper's three comparisons.
+
+Accuracy against the context-window limit, against total tokens, and against latency, one
+series per decoding method (APR over child budgets, SoS+ best-of-N and majority over N).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PLOTS = {"context": "accuracy_vs_context.png", "tokens": "accuracy_vs_total_tokens.png",
+         "latency": "accuracy_vs_latency.png"}
+
+
+def _series(settings: dict) -> dict[str, list[tuple[float, float, str]]]:
+    """Points (x for tokens, x for latency, label) grouped into method series."""
+    series: dict[str, list] = {}
+    for name, m in settings.items():
+        method = "APR" if name.startswith("apr") else "SoS+"
+        tokens, latency = m["tokens_total"].get("mean", 0), m["latency_s"].get("mean", 0)
+        series.setdefault(method, []).append((tokens, latency, m["accuracy"], name))
+        if "majority_accuracy" in m:
+            series.setdefault("SoS+ majority", []).append(
+                (tokens, latency, m["majority_accuracy"], name))
+    return series
+
+
+def write_plots(metrics: dict, directory: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = metrics["settings"]
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, m in settings.items():
+        limits = sorted(int(c) for c in m["accuracy_at_context"])
+        ax.plot(limits, [100 * m["accuracy_at_context"][str(c)] for c in limits], marker="o",
+                label=name)
+    ax.set(xlabel="context window limit (tokens)", ylabel="accuracy (%)",
+           title="Accuracy against context window")
+    paths.append(_save(fig, ax, directory / PLOTS["context"]))
+
+    for key, index, label in (("tokens", 0, "mean total tokens per problem"),
+                              ("latency", 1, "mean latency per problem (s)")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method, points in _series(settings).items():
+            points = sorted(points, key=lambda p: p[index])
+            ax.plot([p[index] for p in points], [100 * p[2] for p in points], marker="o",
+                    label=method)
+            for p in points:
+                ax.annotate(p[3], (p[index], 100 * p[2]), fontsize=7, alpha=0.7)
+        ax.set(xlabel=label, ylabel="accuracy (%)", title=f"Accuracy against {key}")
+        paths.append(_save(fig, ax, directory / PLOTS[key]))
+    plt.close("all")
+    return paths
+
+
+def _save(fig, ax, path: Path) -> Path:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _cell(stats: dict, key: str = "mean", digits: int = 0) -> str:
+    value = stats.get(key)
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(metrics: dict) -> str:
+    lines = [
+        f"# Evaluation: {metrics['problems']} {metrics['split']} problems",
+        "",
+        f"Engine `{metrics['engine']}`, model `{metrics.get('model')}`, context window "
+        f"{metrics['context']} tokens, {metrics['seconds']} s. Accuracy is checked by the "
+        "verifier (the solution replayed over the problem's numbers), never taken from the "
+        "model's claim.",
+        "",
+        "| setting | accuracy | majority | children | total tokens | sequential tokens | "
+        "longest context | latency (s) | failures |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, m in metrics["settings"].items():
+        failures = ", ".join(f"{k} {v}" for k, v in m["failures"].items()) or "-"
+        majority = f"{100 * m['majority_accuracy']:.1f}%" if "majority_accuracy" in m else "-"
+        lines.append(
+            f"| {name} | {100 * m['accuracy']:.1f}% | {majority} | {m['children_per_problem']:.2f} "
+            f"| {_cell(m['tokens_total'])} | {_cell(m['tokens_sequential'])} "
+            f"| {_cell(m['longest_context'])} | {_cell(m['latency_s'], digits=3)} | {failures} |")
+    lines += ["", "Accuracy when the context window is limited to C tokens (a solve whose "
+              "longest thread needed more fails):", ""]
+    limits = sorted({int(c) for m in metrics["settings"].values() for c in m["accuracy_at_context"]})
+    lines.append("| setting | " + " | ".join(f"C={c}" for c in limits) + " |")
+    lines.append("| --- |" + " --- |" * len(limits))
+    for name, m in metrics["settings"].items():
+        lines.append(f"| {name} | " + " | ".join(
+            f"{100 * m['accuracy_at_context'].get(str(c), 0):.1f}%" for c in limits) + " |")
+    lines += [""] + [f"![{key}]({file})" for key, file in PLOTS.items()] + [""]
+    return "\n".join(lines)
+
+
+def write_report(metrics: dict, directory: Path) -> Path:
+    path = directory / "report.md"
+    path.write_text(markdown(metrics))
+    return path

@@ -1,0 +1,317 @@
+"""The APR runtime: decode a parent until it spawns, decode all its children in one engine
+call, join their outcomes in place of the spawn block, continue the parent. Also serialized
+SoS+ decoding, best-of-N and self-consistency.
+
+The runtime writes prompts and join blocks with `trace.render`, the writer the solver uses,
+so on the solver's own text it rebuilds the solver's threads exactly (the oracle tests pin
+this). Malformed model output fails that problem with a countable kind and never raises;
+an engine failure raises `EngineError` (infrastructure, not the model's fault).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from apr.countdown.search import ROOT_ID
+from apr.countdown.trace import (
+    SPAWN_END, SPAWN_START, SUB_CALL_BUDGET, TOKEN_BUDGET, Budget, Event, Generated, Goal,
+    JoinEnd, JoinGoal, JoinNoSolution, JoinStart, Move, Operation, SpawnChild, SpawnEnd,
+    SpawnStart, State, apply, parse, render, solution_path, verify,
+)
+from apr.engine.base import LENGTH, STOP, Engine, Sampling
+from apr.tokenizer import count_tokens
+
+APR, SOS = "apr", "sos"
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Limits on one solve. 0 means no limit."""
+
+    context: int = 4096  # tokens any one thread may hold (prompt + generated)
+    children_per_spawn: int = 0  # children beyond this are not run and join as "No Solution"
+    total_tokens: int = 0  # once spent, no more spawns are run and the parent is cut
+    sub_call_budget: int = 0  # APR: condition the parent on `Sub Call Budget: N `
+    token_budget: int = 0  # SoS+: condition on `Token Budget: N `
+
+
+@dataclass
+class ThreadRun:
+    role: str  # "parent" or "child"
+    prompt: str
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    spawn: int = 0
+    index: int = 0
+
+
+@dataclass
+class Solve:
+    """One decoded problem: its verified outcome, its threads and what it cost."""
+
+    mode: str
+    nums: tuple[int, ...]
+    target: int
+    correct: bool = False
+    solution: list[str] | None = None  # the operations the model claims reach the target
+    failure: str | None = None  # why it is not correct (a countable kind), None when correct
+    threads: list[ThreadRun] = field(default_factory=list)
+    children: int = 0
+    engine_calls: int = 0
+    tokens_total: int = 0  # every token in any context, each counted once
+    tokens_generated: int = 0
+    tokens_sequential: int = 0  # the critical path: parent plus the longest child of each spawn
+    longest_context: int = 0
+    wall_s: float = 0.0
+
+    @property
+    def final_text(self) -> str:
+        parents = [t for t in self.threads if t.role == "parent"]
+        return parents[-1].prompt + parents[-1].text if parents else ""
+
+    def summary(self) -> dict:
+        return {"mode": self.mode, "nums": list(self.nums), "target": self.target,
+                "correct": self.correct, "solution": self.solution, "failure": self.failure,
+                "children": self.children, "engine_calls": self.engine_calls,
+                "tokens": {"total": self.tokens_total, "generated": self.tokens_generated,
+                           "sequential": self.tokens_sequential,
+                           "longest_context": self.longest_context},
+                "wall_s": round(self.wall_s, 4)}
+
+
+class Malformed(Exception):
+    """The model's output is not a usable trace; `kind` is what gets counted."""
+
+    def __init__(self, kind: str):
+        super().__init__(kind)
+        self.kind = kind
+
+
+def prompt_length(prompt: str) -> int:
+    return count_tokens(prompt) + 1  # BOS
+
+
+def _finish(solve: Solve, text: str, finish_reason: str = STOP) -> Solve:
+    """Verify the final parent text: the solution path must replay over the problem's numbers."""
+    parsed = parse(text)
+    path = solution_path(parsed.events)
+    if path is None:
+        if finish_reason == LENGTH:
+            solve.failure = "context_exhausted"
+        else:
+            solve.failure = "malformed_output" if parsed.failure else "no_solution"
+        return solve
+    solve.solution = [op.text for op in path]
+    verdict = verify(solve.nums, solve.target, path)
+    solve.correct = verdict.ok
+    solve.failure = None if verdict.ok else "wrong_solution:" + verdict.reason.split(":")[0]
+    return solve
+
+
+# --- APR ---------------------------------------------------------------------------------
+def root_prompt(nums: Sequence[int], target: int, budgets: Budgets = Budgets()) -> str:
+    budget = Budget(SUB_CALL_BUDGET, budgets.sub_call_budget) if budgets.sub_call_budget else None
+    return render([Move(ROOT_ID), State(target, tuple(nums), ())], budget)
+
+
+def generated_nodes(events: Sequence[Event]) -> dict[str, tuple[State, State]]:
+    """Every node the parent generated: (the state it was expanded from, its own state).
+
+    A Generated line belongs to the expansion of the last State written before it.
+    """
+    nodes: dict[str, tuple[State, State]] = {}
+    current: State | None = None
+    for e in events:
+        if type(e) is State:
+            current = e
+        elif type(e) is Generated and current is not None:
+            nodes[e.node] = (current, State(e.target, e.nums, current.operations + (e.operation,)))
+    return nodes
+
+
+def consistent(parent: State, child: State) -> bool:
+    """Whether the child's numbers are the parent's with its last operation applied."""
+    op: Operation = child.operations[-1]
+    pool = list(parent.nums)
+    for operand in (op.left, op.right):
+        if operand not in pool:
+            return False
+        pool.remove(operand)
+    return apply(op.symbol, op.left, op.right) == op.result and \
+        sorted(pool + [op.result]) == sorted(child.nums)
+
+
+def spawned_children(parent_text: str) -> list[tuple[int, str, State]]:
+    """The children the parent's last spawn block asks for: (index, node id, start state)."""
+    parsed = parse(parent_text)
+    if parsed.failure is not None:
+        raise Malformed("malformed_output")
+    events = parsed.events
+    starts = [i for i, e in enumerate(events) if type(e) is SpawnStart]
+    if not starts or type(events[-1]) is not SpawnEnd:
+        raise Malformed("malformed_spawn")
+    block = events[starts[-1] + 1:-1]
+    if not block:
+        raise Malformed("empty_spawn")
+    if any(type(e) is not SpawnChild for e in block):
+        raise Malformed("malformed_spawn")
+    nodes = generated_nodes(events[:starts[-1]])
+    children = []
+    for e in block:
+        if e.node not in nodes:
+            raise Malformed("unknown_node")
+        parent, state = nodes[e.node]
+        if not consistent(parent, state):
+            raise Malformed("inconsistent_node")
+        children.append((e.index, e.node, state))
+    return children
+
+
+def child_outcome(prompt: str, text: str) -> list[Event] | None:
+    """A child's solution path (from its start node to its Goal line), or None.
+
+    A child whose output is malformed after a complete path still counts its path; one
+    without a complete path joins as "No Solution", as in the paper's runtime.
+    """
+    events = parse(prompt + text).events
+    goals = [i for i, e in enumerate(events) if type(e) is Goal]
+    if len(goals) < 2:
+        return None
+    return events[goals[-2] + 1:goals[-1] + 1]
+
+
+async def solve_apr(engine: Engine, nums: Sequence[int], target: int,
+                    budgets: Budgets = Budgets(), temperature: float = 0.0) -> Solve:
+    """Decode one problem with spawn/join."""
+    started = time.perf_counter()
+    solve = Solve(APR, tuple(nums), target)
+    context = root_prompt(nums, target, budgets)
+    solve.tokens_total = prompt_length(context)
+    spawn = 0
+    while True:
+        prompt_tokens = prompt_length(context)
+        room = budgets.context - prompt_tokens
+        if budgets.total_tokens:
+            room = min(room, budgets.total_tokens - solve.tokens_total)
+        if room <= 0:
+            solve.failure = "budget_exhausted"
+            break
+        (out,) = await engine.generate([context], Sampling(room, temperature, stop=(SPAWN_END,)))
+        solve.engine_calls += 1
+        _account(solve, out.prompt_tokens, out.completion_tokens, sequential=True)
+        solve.threads.append(ThreadRun("parent", context, out.text, out.finish_reason,
+                                       out.prompt_tokens, out.completion_tokens, spawn))
+        if out.matched != SPAWN_END:
+            return _timed(_finish(solve, context + out.text, out.finish_reason), started)
+        text = out.text if out.text.endswith("\n") else out.text + "\n"
+        try:
+            children = spawned_children(context + text)
+        except Malformed as e:
+            solve.failure = e.kind
+            return _timed(solve, started)
+        runnable = children[:budgets.children_per_spawn or None]
+        prompts = [render([Move(node), state]) for _, node, state in runnable]
+        rooms = [budgets.context - prompt_length(p) for p in prompts]
+        outs = await engine.generate(prompts, Sampling(max(1, min(rooms)), temperature))
+        solve.engine_calls += 1
+        solve.children += len(runnable)
+        join: list[Event] = [JoinStart()]
+        for k, (index, node, _) in enumerate(children):
+            path = None
+            if k < len(runnable):
+                out_k = outs[k]
+                solve.threads.append(ThreadRun("child", prompts[k], out_k.text, out_k.finish_reason,
+                                               out_k.prompt_tokens, out_k.completion_tokens,
+                                               spawn, index))
+                _account(solve, out_k.prompt_tokens, out_k.completion_tokens, sequential=False)
+                solve.tokens_total += out_k.prompt_tokens - 1  # the runtime wrote the prompt
+                path = child_outcome(prompts[k], out_k.text)
+            if path is not None:
+                join.append(JoinGoal(index, 1, node))
+                join.extend(path)
+            else:
+                join.append(JoinNoSolution(index, 1, node))
+        join.append(JoinEnd())
+        if outs:
+            solve.tokens_sequential += max(o.completion_tokens for o in outs)
+        full = context + text
+        joined = render(join)
+        solve.tokens_total += count_tokens(joined)
+        context = full[:full.rindex(SPAWN_START)] + joined
+        spawn += 1
+    return _timed(_finish(solve, context), started)
+
+
+def _account(solve: Solve, prompt_tokens: int, completion_tokens: int, sequential: bool) -> None:
+    solve.tokens_generated += completion_tokens
+    solve.tokens_total += completion_tokens
+    solve.longest_context = max(solve.longest_context, prompt_tokens + completion_tokens)
+    if sequential:
+        solve.tokens_sequential += completion_tokens
+
+
+def _timed(solve: Solve, started: float) -> Solve:
+    solve.wall_s = time.perf_counter() - started
+    return solve
+
+
+# --- SoS+ --------------------------------------------------------------------------------
+def sos_prompt(nums: Sequence[int], target: int, budgets: Budgets = Budgets()) -> str:
+    budget = Budget(TOKEN_BUDGET, budgets.token_budget) if budgets.token_budget else None
+    return render([State(target, tuple(nums), ())], budget)
+
+
+async def solve_sos(engine: Engine, nums: Sequence[int], target: int,
+                    budgets: Budgets = Budgets(), temperature: float = 0.0) -> Solve:
+    """Decode one problem as one serialized search."""
+    started = time.perf_counter()
+    solve = Solve(SOS, tuple(nums), target)
+    prompt = sos_prompt(nums, target, budgets)
+    room = budgets.context - prompt_length(prompt)
+    if budgets.total_tokens:
+        room = min(room, budgets.total_tokens - prompt_length(prompt))
+    if room <= 0:
+        solve.failure = "budget_exhausted"
+        return _timed(solve, started)
+    (out,) = await engine.generate([prompt], Sampling(room, temperature))
+    solve.engine_calls = 1
+    solve.tokens_total = out.prompt_tokens
+    _account(solve, out.prompt_tokens, out.completion_tokens, sequential=True)
+    solve.threads.append(ThreadRun("parent", prompt, out.text, out.finish_reason,
+                                   out.prompt_tokens, out.completion_tokens))
+    return _timed(_finish(solve, prompt + out.text, out.finish_reason), started)
+
+
+# --- several samples of one problem -----------------------------------------------------
+@dataclass
+class Vote:
+    """N samples of one problem: best-of-N (any sample verifies) and self-consistency (the
+    most frequent claimed solution, ties broken by first appearance, must verify)."""
+
+    samples: list[Solve]
+
+    @property
+    def best_of_n(self) -> bool:
+        return any(s.correct for s in self.samples)
+
+    @property
+    def majority(self) -> bool:
+        claims = Counter(tuple(s.solution) for s in self.samples if s.solution)
+        if not claims:
+            return False
+        top = claims.most_common(1)[0][0]
+        return next(s.correct for s in self.samples if s.solution and tuple(s.solution) == top)
+
+
+async def sample(engine: Engine, mode: str, nums: Sequence[int], target: int, n: int,
+                 budgets: Budgets = Budgets(), temperature: float = 1.0) -> Vote:
+    solver = solve_apr if mode == APR else solve_sos
+    samples = await asyncio.gather(*(solver(engine, nums, target, budgets, temperature)
+                                     for _ in range(n)))
+    return Vote(list(samples))

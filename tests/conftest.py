@@ -1,0 +1,91 @@
+"""Shared, cached corpora of seeded problems and solver traces (built once per test session)."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+
+import pytest
+from hypothesis import settings
+
+from apr.countdown.problems import Problem, ProblemSpace, candidates
+from apr.countdown.search import (
+    HEURISTICS, AprTrace, SearchParams, SosTrace, apr_search, sos_search,
+)
+
+# Property tests: modest by default (the suite stays fast); HYPOTHESIS_PROFILE=thorough for more.
+settings.register_profile("default", max_examples=100, deadline=None)
+settings.register_profile("thorough", max_examples=3000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+# Fixed settings spanning the knobs (beam 1..10, sub beam up to 15, every threshold, both
+# heuristics); each problem also gets one setting drawn at random from the same ranges.
+FIXED_SETTINGS = (
+    SearchParams(1, "mult", 0.9, 1),
+    SearchParams(4, "sum", 0.5, 9),
+    SearchParams(10, "mult", 1.0, 15),
+    SearchParams(6, "sum", 0.0, 6),
+)
+THRESHOLDS = (0.0, 0.5, 0.9, 1.0)
+
+
+def drawn_setting(rng: random.Random) -> SearchParams:
+    beam = rng.randint(1, 10)
+    return SearchParams(beam, rng.choice(HEURISTICS), rng.choice(THRESHOLDS),
+                        rng.randint(beam, 15))
+
+
+@lru_cache(maxsize=None)
+def problems(seed: int, n: int, space: ProblemSpace = ProblemSpace()) -> tuple[Problem, ...]:
+    return tuple(candidates(space, seed, 0, n))
+
+
+@dataclass(frozen=True)
+class Solved:
+    """One search of one problem: the problem, the knobs, the trace."""
+
+    problem: Problem
+    params: SearchParams
+    trace: AprTrace | SosTrace
+
+
+@lru_cache(maxsize=None)
+def corpus(kind: str, seed: int, n: int) -> tuple[Solved, ...]:
+    """APR or SoS+ traces of `n` seeded problems under every fixed setting plus a drawn one."""
+    search = apr_search if kind == "apr" else sos_search
+    out = []
+    for p in problems(seed, n):
+        knobs = FIXED_SETTINGS + (drawn_setting(random.Random(f"params:{seed}:{p.id}")),)
+        for k, params in enumerate(knobs):
+            rng = random.Random(f"{kind}:{seed}:{p.id}:{k}")
+            out.append(Solved(p, params, search(p.nums, p.target, params, rng)))
+    return tuple(out)
+
+
+def rotate(items: tuple[Solved, ...]) -> tuple[Solved, ...]:
+    """One search per problem, cycling through the settings (problem i gets setting i mod 5)."""
+    per = len(FIXED_SETTINGS) + 1
+    return tuple(x for i, x in enumerate(items) if i % per == (i // per) % per)
+
+
+@pytest.fixture(scope="session")
+def apr_corpus() -> tuple[Solved, ...]:
+    return corpus("apr", 11, 300)
+
+
+@pytest.fixture(scope="session")
+def sos_corpus() -> tuple[Solved, ...]:
+    return corpus("sos", 11, 300)
+
+
+@pytest.fixture(scope="session")
+def small_apr_corpus() -> tuple[Solved, ...]:
+    """~100 problems' worth of traces for the slower per-trace checks (tokenizer)."""
+    return rotate(corpus("apr", 11, 300))[:100]
+
+
+@pytest.fixture(scope="session")
+def small_sos_corpus() -> tuple[Solved, ...]:
+    return rotate(corpus("sos", 11, 300))[:100]

@@ -1,0 +1,204 @@
+"""Engines: the local transformers engine, the SGLang wire format, `apr engine serve` and
+the `sglang` client end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from apr import model as model_lib
+from apr.engine.base import LENGTH, STOP, Completion, EngineError, Sampling, cut_at_stop
+from apr.engine.local import LocalEngine
+from apr.engine.sglang import (
+    SAMPLING_KEYS, SGLangEngine, completion_json, generate_payload, parse_completion,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "Moving to Node #0\nCurrent State: 24:[1, 2, 3, 4], Operations: []\n"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("engine") / "model"
+    model_lib.save(model_lib.build("tiny", seed=1), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir) -> LocalEngine:
+    return LocalEngine(model_dir)
+
+
+def test_cut_at_stop_keeps_the_earliest_stop_string():
+    assert cut_at_stop("ab<X>cd<Y>", ["<Y>", "<X>"]) == ("ab<X>", "<X>")
+    assert cut_at_stop("abc", ["<X>"]) == ("abc", None)
+
+
+def test_greedy_batch_equals_one_by_one(engine):
+    prompts = [PROMPT, "Current State: 50:[5, 10], Operations: []\n", "Moving to Node #0,1\n"]
+    sampling = Sampling(12, 0.0)
+    together = asyncio.run(engine.generate(prompts, sampling))
+    alone = [asyncio.run(engine.generate([p], sampling))[0] for p in prompts]
+    assert [c.text for c in together] == [c.text for c in alone]
+    for c, p in zip(together, prompts):
+        assert c.prompt_tokens == len(engine.tokenizer(p).input_ids)
+        assert c.finish_reason in (STOP, LENGTH) and c.completion_tokens <= 12
+
+
+def test_token_limit_gives_length_and_counts_tokens(engine):
+    [c] = asyncio.run(engine.generate([PROMPT], Sampling(5, 0.0)))
+    if c.finish_reason == LENGTH:
+        assert c.completion_tokens == 5
+        assert len(engine.tokenizer(c.text, add_special_tokens=False).input_ids) == 5
+
+
+def test_stop_strings_end_generation_and_stay_in_the_text(engine):
+    """Whatever the random model writes, a stop string that occurs ends the text, once."""
+    [free] = asyncio.run(engine.generate([PROMPT], Sampling(40, 0.0)))
+    assert len(free.text) > 4
+    stop = free.text[2:4]
+    [c] = asyncio.run(engine.generate([PROMPT], Sampling(40, 0.0, stop=(stop,))))
+    assert c.finish_reason == STOP and c.matched == stop
+    assert c.text.endswith(stop) and c.text.count(stop) == 1
+    assert free.text.startswith(c.text)
+
+
+def test_concurrent_requests_share_one_batch(engine, monkeypatch):
+    batches = []
+    original = engine.decode
+
+    def spy(rows):
+        batches.append(len(rows))
+        return original(rows)
+
+    monkeypatch.setattr(engine, "decode", spy)
+
+    async def many():
+        return await asyncio.gather(*(engine.generate([PROMPT], Sampling(4, 0.0)) for _ in range(6)))
+
+    outs = asyncio.run(many())
+    assert len(outs) == 6 and max(batches) > 1 and sum(batches) == 6
+
+
+def test_wire_format_round_trips():
+    c = Completion("abc<End Calling Sub Searches>", STOP, "<End Calling Sub Searches>", 9, 4, "3")
+    assert parse_completion(completion_json(c)) == c
+    eos = parse_completion({"text": "x", "meta_info": {"finish_reason": {"type": "stop", "matched": 2},
+                                                      "prompt_tokens": 3, "completion_tokens": 2}})
+    assert eos.finish_reason == STOP and eos.matched is None
+    payload = generate_payload(["a", "b"], Sampling(7, 0.5, 0.9, ("x",)))
+    assert payload["text"] == ["a", "b"]
+    assert set(payload["sampling_params"]) == set(SAMPLING_KEYS)
+    assert payload["sampling_params"]["max_new_tokens"] == 7  # always sent (SGLang defaults to 128)
+    assert payload["sampling_params"]["no_stop_trim"] is True
+    with pytest.raises(EngineError):
+        parse_completion({"text": "x"})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "apr.cli", "engine", "serve", "--model",
+                             str(model_dir), "--port", str(port)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail("apr engine serve did not come up: " + proc.stdout.read().decode()[-2000:])
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def test_sglang_client_and_server_agree_with_the_local_engine(server, engine):
+    prompts = [PROMPT, "Current State: 50:[5, 10], Operations: []\n"]
+    sampling = Sampling(10, 0.0, stop=("]",))
+    expected = asyncio.run(engine.generate(prompts, sampling))
+
+    async def over_http():
+        client = SGLangEngine(server)
+        try:
+            return await client.ready(), await client.generate(prompts, sampling), \
+                await client.model_info()
+        finally:
+            await client.close()
+
+    ready, got, info = asyncio.run(over_http())
+    assert ready and info["is_generation"]
+    assert [(c.text, c.finish_reason, c.matched, c.prompt_tokens, c.completion_tokens)
+            for c in got] == [(c.text, c.finish_reason, c.matched, c.prompt_tokens,
+                               c.completion_tokens) for c in expected]
+
+
+def test_server_speaks_sglang_shapes_and_rejects_unknown_keys(server):
+    one = httpx.post(server + "/generate", json={"text": "Moving to Node #0\n",
+                                                 "sampling_params": {"max_new_tokens": 3,
+                                                                     "temperature": 0}}).json()
+    assert set(one) == {"text", "meta_info"}
+    assert {"finish_reason", "prompt_tokens", "completion_tokens", "e2e_latency",
+            "weight_version"} <= set(one["meta_info"])
+    bad = httpx.post(server + "/generate", json={"text": ["x"], "sampling_params": {"top_k": 3}})
+    assert bad.status_code == 400 and "top_k" in bad.text
+    for path in ("/health", "/health_generate", "/ready", "/model_info", "/get_model_info"):
+        assert httpx.get(server + path, timeout=30).status_code == 200, path
+    assert httpx.post(server + "/flush_cache").status_code == 200
+
+
+def test_weight_update_from_disk_changes_what_the_server_generates(server, model_dir, tmp_path):
+    other = tmp_path / "other"
+    model_lib.save(model_lib.build("tiny", seed=99), other)
+
+    async def flow():
+        client = SGLangEngine(server)
+        try:
+            before = await client.generate([PROMPT], Sampling(16, 0.0))
+            body = await client.update_weights_from_disk(str(other), "7")
+            after = await client.generate([PROMPT], Sampling(16, 0.0))
+            await client.update_weights_from_disk(str(model_dir), "8")
+            with pytest.raises(EngineError, match="rejected"):
+                await client.update_weights_from_disk(str(tmp_path / "missing"), "9")
+            return before, body, after
+        finally:
+            await client.close()
+
+    before, body, after = asyncio.run(flow())
+    assert body["success"] is True
+    assert after[0].weight_version == "7"
+    assert after[0].text != before[0].text
+
+
+def test_unreachable_server_is_an_engine_error():
+    async def call():
+        client = SGLangEngine(f"http://127.0.0.1:{free_port()}", timeout_s=2)
+        try:
+            assert not await client.ready()
+            await client.generate(["x"], Sampling(1))
+        finally:
+            await client.close()
+
+    with pytest.raises(EngineError, match="unreachable"):
+        asyncio.run(call())

@@ -1,0 +1,223 @@
+"""The APR runtime against the solver (oracle engine), malformed output, budgets, voting."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from apr.countdown.problems import ProblemSpace, candidates
+from apr.countdown.search import apr_search, sos_search
+from apr.countdown.threads import apr_threads, sos_threads
+from apr.datagen import AprSolverConfig, SosSolverConfig
+from apr.engine.base import LENGTH, STOP, Completion, Sampling
+from apr.engine.oracle import OracleEngine
+from apr.runtime import (
+    Budgets, Solve, Vote, child_outcome, root_prompt, solve_apr, solve_sos, spawned_children,
+)
+
+UNLIMITED = Budgets(context=1 << 20)
+
+
+def records(n: int = 200, seed: int = 21) -> list[dict]:
+    """APR and SoS+ records like datagen's, for n seeded problems."""
+    out = []
+    for p in candidates(ProblemSpace(), seed, 0, n):
+        rng = random.Random(f"rt:{p.id}")
+        apr = apr_search(p.nums, p.target, AprSolverConfig().draw(rng), rng)
+        sos = sos_search(p.nums, p.target, SosSolverConfig().draw(rng), rng)
+        out.append({"id": p.id, "nums": list(p.nums), "target": p.target, "solved": apr.solved,
+                    "children": apr.children, "threads": [t.to_json() for t in apr_threads(apr)],
+                    "kind": "apr"})
+        out.append({"id": p.id, "nums": list(p.nums), "target": p.target, "solved": sos.solved,
+                    "threads": [t.to_json() for t in sos_threads(sos)], "kind": "sos"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus() -> list[dict]:
+    return records()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_oracle_runtime_rebuilds_every_apr_thread_of_the_solver(corpus):
+    engine = OracleEngine(corpus)
+    apr = [r for r in corpus if r["kind"] == "apr"]
+
+    async def all_solves():
+        return await asyncio.gather(*(solve_apr(engine, r["nums"], r["target"], UNLIMITED)
+                                      for r in apr))
+
+    solves = run(all_solves())
+    for record, solve in zip(apr, solves):
+        built = [(t.role, t.prompt, t.text + ("\n" if t.text.endswith(">") else "")) for t in solve.threads]
+        want = [(t["role"], t["prompt"], t["text"]) for t in record["threads"]]
+        assert built == want, record["id"]
+        assert solve.children == record["children"]
+        assert solve.correct == record["solved"]
+    accuracy = sum(s.correct for s in solves) / len(solves)
+    assert accuracy == sum(r["solved"] for r in apr) / len(apr)
+
+
+def test_oracle_runtime_rebuilds_sos_traces(corpus):
+    engine = OracleEngine(corpus)
+    sos = [r for r in corpus if r["kind"] == "sos"]
+    for r in sos:
+        solve = run(solve_sos(engine, r["nums"], r["target"], UNLIMITED))
+        assert solve.final_text == r["threads"][0]["prompt"] + r["threads"][0]["text"]
+        assert solve.correct == r["solved"]
+
+
+def test_children_of_one_spawn_go_to_the_engine_in_one_call(corpus):
+    calls = []
+
+    class Recording(OracleEngine):
+        async def generate(self, prompts, sampling):
+            calls.append(len(prompts))
+            return await super().generate(prompts, sampling)
+
+    engine = Recording(corpus)
+    r = next(r for r in corpus if r["kind"] == "apr" and r["children"] >= 3)
+    solve = run(solve_apr(engine, r["nums"], r["target"], UNLIMITED))
+    spawns = sum(1 for t in r["threads"] if t["role"] == "parent") - 1
+    assert solve.engine_calls == len(calls) == 2 * spawns + 1
+    assert sum(c for c in calls if c > 1) + sum(1 for c in calls if c == 1) >= solve.children
+    assert max(calls) > 1
+
+
+def test_critical_path_is_parent_plus_longest_child(corpus):
+    r = next(r for r in corpus if r["kind"] == "apr" and r["children"] >= 3)
+    solve = run(solve_apr(OracleEngine(corpus), r["nums"], r["target"], UNLIMITED))
+    parents = [t.completion_tokens for t in solve.threads if t.role == "parent"]
+    longest = {}
+    for t in solve.threads:
+        if t.role == "child":
+            longest[t.spawn] = max(longest.get(t.spawn, 0), t.completion_tokens)
+    assert solve.tokens_sequential == sum(parents) + sum(longest.values())
+    assert solve.tokens_generated == sum(t.completion_tokens for t in solve.threads)
+    assert solve.tokens_sequential < solve.tokens_generated
+    assert solve.longest_context == max(t.prompt_tokens + t.completion_tokens for t in solve.threads)
+
+
+def test_context_window_cuts_threads_and_is_counted(corpus):
+    engine = OracleEngine(corpus)
+    r = next(r for r in corpus if r["kind"] == "sos" and len(r["threads"][0]["text"]) > 3000)
+    solve = run(solve_sos(engine, r["nums"], r["target"], Budgets(context=256)))
+    assert solve.threads[0].finish_reason == LENGTH
+    assert solve.longest_context <= 256
+    assert solve.failure == "context_exhausted" and not solve.correct
+
+
+class Scripted:
+    """An engine that answers prompts from a list of texts, in order (for malformed cases)."""
+
+    def __init__(self, texts):
+        self.texts = list(texts)
+
+    async def generate(self, prompts, sampling: Sampling):
+        out = []
+        for _ in prompts:
+            text = self.texts.pop(0)
+            matched = next((s for s in sampling.stop if text.endswith(s)), None)
+            out.append(Completion(text, STOP, matched, 10, max(1, len(text) // 3)))
+        return out
+
+    async def ready(self):
+        return True
+
+    async def close(self):
+        pass
+
+
+PARENT = ("Exploring Operation: 3+4=7, Resulting Numbers: [1, 2, 7]\n"
+          "Generated Node #0,0: 24:[1, 2, 7] Operation: 3+4=7\n"
+          "Exploring Operation: 1*2=2, Resulting Numbers: [3, 4, 2]\n"
+          "Generated Node #0,1: 24:[3, 4, 2] Operation: 1*2=2\n")
+
+
+@pytest.mark.parametrize("text, kind", [
+    (PARENT + "Exploring Operation: 3+4=", "malformed_output"),  # cut mid-line, then spawn
+    (PARENT + "<Calling Sub Searches>\n<Start Sub Search 0 at level 1> Moving to Node #0,7\n"
+     "<End Calling Sub Searches>", "unknown_node"),
+    (PARENT + "<Calling Sub Searches>\n<End Calling Sub Searches>", "empty_spawn"),
+    ("Exploring Operation: 3+4=7, Resulting Numbers: [1, 2, 7]\n"
+     "Generated Node #0,0: 24:[1, 9, 7] Operation: 3+4=7\n<Calling Sub Searches>\n"
+     "<Start Sub Search 0 at level 1> Moving to Node #0,0\n<End Calling Sub Searches>",
+     "inconsistent_node"),  # numbers not in the state
+])
+def test_malformed_spawns_fail_the_problem_cleanly(text, kind):
+    if kind == "malformed_output":
+        text = PARENT + "Exploring Operation: 3+4=\n<Calling Sub Searches>\n" \
+            "<Start Sub Search 0 at level 1> Moving to Node #0,0\n<End Calling Sub Searches>"
+    solve = run(solve_apr(Scripted([text]), [1, 2, 3, 4], 24))
+    assert solve.failure == kind and not solve.correct
+
+
+def test_model_claims_of_success_are_not_trusted():
+    wrong = ("Exploring Operation: 3*4=12, Resulting Numbers: [1, 2, 12]\n"
+             "Generated Node #0,0: 24:[1, 2, 12] Operation: 3*4=12\n"
+             "24,24 equal: Goal Reached\nMoving to Node #0\n"
+             "Current State: 24:[1, 2, 3, 4], Operations: []\n"
+             "Exploring Operation: 3*4=12, Resulting Numbers: [1, 2, 12]\n"
+             "Generated Node #0,0: 24:[1, 2, 12] Operation: 3*4=12\nMoving to Node #0,0\n"
+             "Current State: 24:[1, 2, 12], Operations: ['3*4=12']\n"
+             "Exploring Operation: 12*2=24, Resulting Numbers: [1, 24]\n24,24 equal: Goal Reached\n")
+    solve = run(solve_apr(Scripted([wrong]), [1, 2, 3, 4], 24))
+    assert solve.solution == ["3*4=12", "12*2=24"]
+    assert not solve.correct and solve.failure.startswith("wrong_solution:wrong_target")
+
+
+def test_a_malformed_child_joins_as_no_solution():
+    spawn = PARENT + ("<Calling Sub Searches>\n<Start Sub Search 0 at level 1> Moving to Node #0,0\n"
+                      "<Start Sub Search 1 at level 1> Moving to Node #0,1\n<End Calling Sub Searches>")
+    seen = []
+
+    class Capture(Scripted):
+        async def generate(self, prompts, sampling):
+            seen.append(list(prompts))
+            return await super().generate(prompts, sampling)
+
+    engine = Capture([spawn, "garbage\n", "Exploring Operation: 7", "No solution found.\n"])
+    solve = run(solve_apr(engine, [1, 2, 3, 4], 24))
+    assert seen[1] == ["Moving to Node #0,0\nCurrent State: 24:[1, 2, 7], Operations: ['3+4=7']\n",
+                       "Moving to Node #0,1\nCurrent State: 24:[3, 4, 2], Operations: ['1*2=2']\n"]
+    assert "<No Solution in Sub Search 0 at level 1 at Node #0,0>\n" in seen[2][0]
+    assert "<No Solution in Sub Search 1 at level 1 at Node #0,1>\n<End Sub Searches>\n" in seen[2][0]
+    assert solve.children == 2 and solve.failure == "no_solution"
+
+
+def test_children_per_spawn_budget_runs_only_the_first_children():
+    spawn = PARENT + ("<Calling Sub Searches>\n<Start Sub Search 0 at level 1> Moving to Node #0,0\n"
+                      "<Start Sub Search 1 at level 1> Moving to Node #0,1\n<End Calling Sub Searches>")
+    engine = Scripted([spawn, "No solution found.\n", "No solution found.\n"])
+    solve = run(solve_apr(engine, [1, 2, 3, 4], 24, Budgets(children_per_spawn=1)))
+    assert solve.children == 1
+
+
+def test_sub_call_budget_prefix_starts_the_parent_prompt():
+    assert root_prompt([1, 2], 10, Budgets(sub_call_budget=4)).startswith(
+        "Sub Call Budget: 4 Moving to Node #0\n")
+
+
+def test_spawned_children_and_child_outcome_helpers():
+    spawn = PARENT + ("<Calling Sub Searches>\n<Start Sub Search 0 at level 1> Moving to Node #0,1\n"
+                      "<End Calling Sub Searches>\n")
+    [(index, node, state)] = spawned_children("Moving to Node #0\nCurrent State: 24:[1, 2, 3, 4], "
+                                              "Operations: []\n" + spawn)
+    assert (index, node, state.nums, [op.text for op in state.operations]) == (
+        0, "0,1", (3, 4, 2), ["1*2=2"])
+    assert child_outcome("Moving to Node #0,1\n", "No solution found.\n") is None
+
+
+def test_votes_count_best_of_n_and_majority():
+    def s(solution, correct):
+        return Solve("sos", (1,), 1, correct=correct, solution=solution)
+
+    vote = Vote([s(["a"], False), s(["a"], False), s(["b"], True), s(None, False)])
+    assert vote.best_of_n and not vote.majority
+    assert Vote([s(["b"], True), s(["a"], False), s(["b"], True)]).majority
+    assert not Vote([s(None, False)]).best_of_n
