@@ -4,9 +4,9 @@ VENV ?= .venv
 # The CPU build of PyTorch (this pin installs from the local wheel cache on the dev machines).
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
-DEMO_OUT ?= runs/demo/data
+DEMO_OUT ?= runs/demo
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench pipeline clean
 
 setup: $(VENV)/.installed
 
@@ -19,13 +19,16 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	rm -rf $(DEMO_OUT)
-	$(BIN)/apr datagen --config configs/local.yaml --out $(DEMO_OUT)
+	$(BIN)/apr pipeline run --local --workdir $(DEMO_OUT)
 
 test: setup
 	$(BIN)/python -m pytest
 
 bench: setup
 	$(BIN)/python bench/datagen_speed.py
+
+pipeline: setup
+	$(BIN)/apr pipeline compile
 
 clean:
 	rm -rf $(VENV) runs

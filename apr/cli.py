@@ -11,7 +11,7 @@ from apr.config import InputError, load
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="preset YAML (configs/*.yaml); defaults when omitted")
+    parser.add_argument("--config", help="a preset (local, gpu-small, paper) or a YAML file; defaults when omitted")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a config field, e.g. "
                         "problems.train_size=1000 (repeatable)")
@@ -53,6 +53,38 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _publish(args: argparse.Namespace) -> int:
+    from apr import publish
+
+    print(publish.run(args.model, args.store, args.name, args.version))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from apr.report import run_compare
+
+    run_compare(args.apr, args.sos, args.out)
+    print(f"report: {args.out}/report.md", file=sys.stderr)
+    return 0
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    from apr import pipeline
+
+    if args.pipeline_command == "compile":
+        print(pipeline.compile_yaml(args.output))
+    elif args.pipeline_command == "submit":
+        run = pipeline.submit(args.host, dict(a.split("=", 1) for a in args.arg),
+                              args.experiment, args.package)
+        print(f"run {run.run_id} submitted to {args.host}")
+    else:
+        overrides = {"datagen": args.datagen_set, "sft": args.sft_set,
+                     "evaluate": args.evaluate_set}
+        summary = pipeline.run_local(args.workdir, args.preset, args.store, overrides)
+        print(f"report: {summary['report']}")
+    return 0
+
+
 def _engine_serve(args: argparse.Namespace) -> int:
     from apr.engine.server import serve
 
@@ -87,6 +119,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--problems", required=True, help="an `apr datagen` output or problems JSONL")
     p.add_argument("--out", required=True, help="output directory (replaced when complete)")
     p.set_defaults(run=_evaluate)
+
+    p = stages.add_parser("compare", help="the APR against SoS+ report of two evaluations")
+    p.add_argument("--apr", required=True, help="`apr evaluate` output of the APR model")
+    p.add_argument("--sos", required=True, help="`apr evaluate` output of the SoS+ model")
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=_compare)
+
+    p = stages.add_parser("publish", help="upload a model to <store>/models/<name>/<version>/")
+    p.add_argument("--model", required=True, help="a model directory")
+    p.add_argument("--store", required=True, help="s3://bucket[/prefix] or a local directory")
+    p.add_argument("--name", default="apr-countdown")
+    p.add_argument("--version", required=True)
+    p.set_defaults(run=_publish)
+
+    p = stages.add_parser("pipeline", help="the Kubeflow pipeline: compile, submit, run locally")
+    commands = p.add_subparsers(dest="pipeline_command", required=True, metavar="COMMAND")
+    c = commands.add_parser("compile", help="write the pipeline YAML for the Kubeflow UI")
+    c.add_argument("--output", default="pipelines/apr_pipeline.yaml")
+    c = commands.add_parser("submit", help="upload and run the compiled pipeline (kfp.Client)")
+    c.add_argument("--host", required=True, help="the KFP API, e.g. http://localhost:8080")
+    c.add_argument("--package", default="pipelines/apr_pipeline.yaml")
+    c.add_argument("--experiment", default="apr")
+    c.add_argument("--arg", action="append", default=[], metavar="NAME=VALUE",
+                   help="a pipeline parameter, e.g. preset=gpu-small (repeatable)")
+    c = commands.add_parser("run", help="run the pipeline here through kfp.local")
+    c.add_argument("--local", action="store_true", required=True,
+                   help="use kfp.local's SubprocessRunner (the only runner here)")
+    c.add_argument("--preset", default="local")
+    c.add_argument("--workdir", default="runs/pipeline", help="pipeline root and local store")
+    c.add_argument("--store", default=None, help="publish to this s3:// URI instead")
+    for stage in ("datagen", "sft", "evaluate"):
+        c.add_argument(f"--{stage}-set", action="append", default=[], metavar="KEY=VALUE",
+                       help=f"override a {stage} config field (repeatable)")
+    p.set_defaults(run=_pipeline)
 
     p = stages.add_parser("engine", help="generation engines (serve the SGLang-compatible API)")
     engine = p.add_subparsers(dest="engine_command", required=True, metavar="COMMAND")

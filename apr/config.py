@@ -120,14 +120,30 @@ def apply_override(data: dict, assignment: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw)
 
 
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def preset_path(name_or_path: str | Path) -> Path:
+    """A preset name (`local`, `gpu-small`, `paper`: apr/presets/NAME.yaml) or a YAML path."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if (PRESETS_DIR / f"{name_or_path}.yaml").is_file():
+        return PRESETS_DIR / f"{name_or_path}.yaml"
+    raise ConfigError(f"config {str(name_or_path)!r} is neither a file nor a preset "
+                      f"({', '.join(presets())})")
+
+
 def load(cls: type[T], path: str | Path | None, section: str,
          overrides: typing.Sequence[str] = ()) -> T:
-    """The `section` of a preset file (or the defaults when there is no file), plus overrides."""
+    """The `section` of a preset (name or file; the defaults when None), plus overrides."""
     data: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist (presets live in configs/)")
+        path = preset_path(path)
         document = yaml.safe_load(path.read_text()) or {}
         if not isinstance(document, dict):
             raise ConfigError(f"{path}: expected a mapping of stage sections")

@@ -1,6 +1,6 @@
 """The datagen stage: problems, SoS+ and APR traces, the tokenizer and stats, on every core.
 
-    apr datagen --config configs/local.yaml --out runs/local/data [--set problems.train_size=1000]
+    apr datagen --config local --out runs/local/data [--set problems.train_size=1000]
 
 Output (written under `<out>.partial/`, renamed to `<out>` only when complete):
     problems/{val,test,train}.jsonl    id, nums, target, solution
@@ -29,8 +29,8 @@ from typing import Iterator
 from tqdm import tqdm
 
 from apr import tokenizer
-from apr.config import ConfigError, check, check_choice, check_range, dump
-from apr.countdown.problems import SPLITS, Problem, ProblemSpace, candidates
+from apr.config import InputError, check, check_choice, check_range, dump
+from apr.countdown.problems import SPLITS, NoSolvableProblem, Problem, ProblemSpace, candidates
 from apr.countdown.search import HEURISTICS, SearchParams, apr_search, sos_search
 from apr.countdown.threads import apr_threads, final_text, sos_threads
 from apr.countdown.trace import SUB_CALL_BUDGET, TOKEN_BUDGET, Budget, token_budget
@@ -143,7 +143,10 @@ class DatagenConfig:
 
 # --- work done in the worker processes ------------------------------------------------------
 def _problem_chunk(args: tuple[ProblemSpace, int, int, int]) -> list[Problem]:
-    return candidates(*args)
+    try:
+        return candidates(*args)
+    except NoSolvableProblem as e:
+        raise InputError(str(e)) from None
 
 
 @dataclass
@@ -246,6 +249,7 @@ def generate_problems(config: DatagenConfig, pool, progress: bool
         need = wanted - len(unique)
         chunks = [(cfg.space(), cfg.seed, s, min(s + config.chunk_size, drawn + need))
                   for s in range(drawn, drawn + need, config.chunk_size)]
+        before = len(unique)
         for chunk in pool.imap(_problem_chunk, chunks):
             for problem in chunk:
                 if problem.key not in seen:
@@ -253,6 +257,9 @@ def generate_problems(config: DatagenConfig, pool, progress: bool
                     unique.append(problem)
                     bar.update(1)
         drawn += need
+        if len(unique) == before:
+            raise InputError(f"the problem space holds only {len(unique)} distinct problems, "
+                             f"fewer than the {wanted} asked for: widen the ranges or ask for fewer")
     bar.close()
     splits, start = {}, 0
     for split in SPLITS:

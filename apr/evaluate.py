@@ -1,6 +1,6 @@
 """The evaluation stage: APR at several child budgets against SoS+ at several sample counts.
 
-    apr evaluate --config configs/local.yaml --model runs/x/sft-apr/model --problems runs/x/data \
+    apr evaluate --config local --model runs/x/sft-apr/model --problems runs/x/data \
         --out runs/x/eval-apr
 
 Every answer is checked by the verifier, never by the model's claim. Writes `results.jsonl`

@@ -106,3 +106,62 @@ def write_report(metrics: dict, directory: Path) -> Path:
     path = directory / "report.md"
     path.write_text(markdown(metrics))
     return path
+
+
+def compare(apr_metrics: dict, sos_metrics: dict) -> dict:
+    """One metrics document holding the APR model's settings and the SoS+ model's settings."""
+    merged = {key: apr_metrics.get(key) for key in ("engine", "problems", "split", "context")}
+    merged["model"] = {"apr": apr_metrics.get("model"), "sos": sos_metrics.get("model")}
+    merged["seconds"] = round(apr_metrics.get("seconds", 0) + sos_metrics.get("seconds", 0), 2)
+    merged["settings"] = {**{k: v for k, v in apr_metrics["settings"].items() if k.startswith("apr")},
+                          **{k: v for k, v in sos_metrics["settings"].items() if k.startswith("sos")}}
+    return merged
+
+
+def html(metrics: dict, directory: Path) -> str:
+    """The report as one self-contained page (plots inlined), for the KFP UI's HTML viewer."""
+    import base64
+    from html import escape
+
+    out = ["<!doctype html><meta charset=utf-8><title>APR evaluation</title>",
+           "<style>body{font-family:sans-serif}td{border:1px solid #ccc;padding:2px 6px}"
+           "table{border-collapse:collapse}</style>"]
+    in_table = False
+    for line in markdown(metrics).splitlines():
+        is_row = line.startswith("|")
+        if in_table and not is_row:
+            out.append("</table>")
+        if is_row and not in_table:
+            out.append("<table>")
+        in_table = is_row
+        if line.startswith("| ---"):
+            continue
+        if is_row:
+            out.append("<tr>" + "".join(f"<td>{escape(c.strip())}</td>"
+                                        for c in line.strip("|").split("|")) + "</tr>")
+        elif line.startswith("!["):
+            name = line[line.index("(") + 1:-1]
+            data = base64.b64encode((directory / name).read_bytes()).decode()
+            out.append(f'<img alt="{escape(name)}" src="data:image/png;base64,{data}">')
+        elif line.startswith("# "):
+            out.append(f"<h1>{escape(line[2:])}</h1>")
+        elif line:
+            out.append(f"<p>{escape(line)}</p>")
+    if in_table:
+        out.append("</table>")
+    return "\n".join(out) + "\n"
+
+
+def run_compare(apr_eval: str | Path, sos_eval: str | Path, out: str | Path) -> dict:
+    """The comparison report of two `apr evaluate` outputs (APR model, SoS+ model)."""
+    import json
+
+    out = Path(out)
+    metrics = compare(json.loads((Path(apr_eval) / "metrics.json").read_text()),
+                      json.loads((Path(sos_eval) / "metrics.json").read_text()))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_plots(metrics, out)
+    write_report(metrics, out)
+    (out / "report.html").write_text(html(metrics, out))
+    return metrics

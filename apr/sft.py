@@ -1,6 +1,6 @@
 """The SFT stage: train the Llama-shaped model from scratch on solver threads.
 
-    apr sft --config configs/local.yaml --data runs/local/data --out runs/local/sft-apr [--resume]
+    apr sft --config local --data runs/local/data --out runs/local/sft-apr [--resume]
     torchrun --nproc_per_node 8 -m apr.cli sft ...          (single-node DDP)
 
 The loop reads top to bottom: plan batches, then per step accumulate micro-batches, clip,

@@ -11,7 +11,7 @@ from apr import cli
 from apr.config import ConfigError, apply_override, dump, load
 from apr.datagen import SECTION, AprSolverConfig, DatagenConfig, ProblemsConfig, SosSolverConfig
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parent.parent / "apr" / "presets"
 
 
 def load_datagen(*overrides: str, path=None) -> DatagenConfig:
@@ -125,7 +125,7 @@ def test_cross_field_checks():
 
 
 def test_missing_or_bad_files(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match="neither a file nor a preset"):
         load_datagen(path=tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("- a list\n")

@@ -123,7 +123,8 @@ def test_spawn_blocks_list_exactly_the_children(apr_corpus):
             scores = [score(c.start.nums) for c in spawn.children]
             assert all(a <= b + 1e-9 for a, b in zip(scores, scores[1:])), scores
             assert typed(spawn.block) == typed(
-                [SpawnStart()] + [SpawnChild(i, 1, c.start.id) for i, c in enumerate(spawn.children)]
+                [SpawnStart()]
+                + [SpawnChild(i, 1, c.start.id) for i, c in enumerate(spawn.children)]
                 + [SpawnEnd()])
 
 

@@ -46,7 +46,8 @@ def test_prompt_and_text_tokenize_independently(tok, small_apr_corpus):
     for item in small_apr_corpus:
         for t in apr_threads(item.trace):
             joint = tok.encode(t.prompt + t.text).ids
-            assert joint == tok.encode(t.prompt).ids + tok.encode(t.text, add_special_tokens=False).ids
+            text_ids = tok.encode(t.text, add_special_tokens=False).ids
+            assert joint == tok.encode(t.prompt).ids + text_ids
 
 
 def test_count_tokens_is_exact_on_traces(tok, texts, small_apr_corpus):
@@ -59,14 +60,8 @@ def test_count_tokens_is_exact_on_traces(tok, texts, small_apr_corpus):
     assert tk.sequence_length(t.prompt, t.text) == len(tok.encode(t.prompt + t.text).ids) + 1
 
 
-SPECIALS = tk.SPECIAL_TOKENS
-
-
 @given(st.text(alphabet=string.printable))
 def test_count_tokens_is_exact_on_printable_text(text):
-    # Literal special-token strings ("<s>", ...) are a known discrepancy: see the BUG test below.
-    if any(s in text for s in SPECIALS):
-        return
     assert tk.count_tokens(text) == len(TOK.encode(text, add_special_tokens=False).ids)
 
 
@@ -77,13 +72,9 @@ def test_count_tokens_is_exact_on_phrase_soup(text):
     assert TOK.decode(TOK.encode(text).ids, skip_special_tokens=True) == text
 
 
-# BUG (apr/tokenizer.py, count_tokens, line ~89): the docstring says count_tokens is exact
-# for this tokenizer, but the tokenizer also matches the special tokens' strings ("<s>",
-# "</s>", "<pad>", "<unk>") inside text (one token each) while count_tokens counts their
-# characters (3 to 5). Trace text never contains them, but decoded model output can. Fix:
-# add SPECIAL_TOKENS to the `_PHRASE` alternation (or encode with encode_special_tokens=True
-# and keep count_tokens as is, so literal "<s>" is plain characters in both).
-def test_BUG_count_tokens_on_special_token_strings(tok):
+# Regression: the tokenizer matches the special tokens' strings inside text ("<s>" is one
+# token); count_tokens once counted their characters instead.
+def test_count_tokens_on_special_token_strings(tok):
     for text in ["<s>", "a</s>b", "<pad>", "x<unk>"]:
         assert tk.count_tokens(text) == len(tok.encode(text, add_special_tokens=False).ids), text
 

@@ -135,16 +135,26 @@ class ProblemSpace:
     target_max: int = 100
 
 
+MAX_DRAWS = 100_000  # about 7.6 draws are needed per problem in the paper's space
+
+
+class NoSolvableProblem(ValueError):
+    pass
+
+
 def candidate(space: ProblemSpace, seed: int, index: int) -> Problem:
     """Stream element `index`: a uniform target, then uniform numbers until solvable."""
     rng = random.Random(f"countdown:{seed}:{index}")
     target = rng.randint(space.target_min, space.target_max)
-    while True:
+    for _ in range(MAX_DRAWS):
         nums = tuple(rng.randint(space.num_min, space.num_max) for _ in range(space.n_numbers))
         if solvable(nums, target):
             solution = find_solution(nums, target)
             assert solution is not None
             return Problem(f"p{index:08d}", nums, target, solution)
+    raise NoSolvableProblem(
+        f"no solvable problem for target {target} in {MAX_DRAWS} draws of {space.n_numbers} "
+        f"numbers in {space.num_min}..{space.num_max}: widen the number or target range")
 
 
 def candidates(space: ProblemSpace, seed: int, start: int, stop: int) -> list[Problem]:

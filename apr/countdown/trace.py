@@ -236,11 +236,12 @@ class ParsedTrace(NamedTuple):
     failure: ParseFailure | None
 
 
-_NODE = r"(\d+(?:,\d+)*)"
-_INT = r"(\d+)"
-_NUMS = r"\[((?:\d+(?:, \d+)*)?)\]"
-_OP = r"(\d+)([-+*/])(\d+)=(\d+)"
-_OPS = r"\[((?:'\d+[-+*/]\d+=\d+'(?:, '\d+[-+*/]\d+=\d+')*)?)\]"
+# ASCII digits only: `\d` would also take other scripts' digits, which int() accepts.
+_NODE = r"([0-9]+(?:,[0-9]+)*)"
+_INT = r"([0-9]+)"
+_NUMS = r"\[((?:[0-9]+(?:, [0-9]+)*)?)\]"
+_OP = r"([0-9]+)([-+*/])([0-9]+)=([0-9]+)"
+_OPS = r"\[((?:'[0-9]+[-+*/][0-9]+=[0-9]+'(?:, '[0-9]+[-+*/][0-9]+=[0-9]+')*)?)\]"
 _PATTERNS: list[tuple[str, re.Pattern[str]]] = [
     (MOVE, re.compile(re.escape(MOVE) + _NODE)),
     (STATE, re.compile(re.escape(STATE) + _INT + ":" + _NUMS + re.escape(STATE_OPS) + _OPS)),
@@ -262,7 +263,7 @@ _CONSTANT_LINES: dict[str, Event] = {
     EXHAUSTED: Exhausted(), DIVE_FAILED: DiveFailed(), SPAWN_START: SpawnStart(),
     SPAWN_END: SpawnEnd(), JOIN_START: JoinStart(), JOIN_END: JoinEnd(),
 }
-_BUDGET = re.compile("(" + re.escape(SUB_CALL_BUDGET) + "|" + re.escape(TOKEN_BUDGET) + r")(\d+) ")
+_BUDGET = re.compile("(" + re.escape(SUB_CALL_BUDGET) + "|" + re.escape(TOKEN_BUDGET) + r")([0-9]+) ")
 _OP_ITEM = re.compile(_OP)
 
 
@@ -332,7 +333,8 @@ def split_budget(text: str) -> tuple[Budget | None, str]:
 def parse(text: str) -> ParsedTrace:
     """Read trace text into events; stops at the first bad line and says why (never raises).
 
-    A last line with no newline is read if it is whole; one cut mid-line is a failure.
+    A last line with no newline is read if it parses (a cut that only drops trailing digits
+    still parses: nothing marks a line's end but the newline); otherwise it is a failure.
     """
     budget, body = split_budget(text)
     events: list[Event] = []

@@ -1,0 +1,221 @@
+"""Artifact URIs: local directories and `s3://bucket/prefix` (MinIO, SeaweedFS or any S3 API).
+
+An artifact is a directory. It is complete only once its manifest (`_MANIFEST.json`: every
+file's size and SHA-256) is written, which happens last; a reader refuses an artifact without
+one and checks every file it downloads against it. Remote I/O goes through the `minio` client
+(multipart above `PART_SIZE`, retried with backoff). The endpoint and credentials come from
+the environment and are never logged:
+
+    S3_ENDPOINT (or AWS_ENDPOINT_URL)   e.g. http://minio.kubeflow:9000 (https:// for TLS)
+    AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY   (or MINIO_ACCESS_KEY / MINIO_SECRET_KEY)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, TypeVar
+from urllib.parse import urlparse
+
+from apr.config import InputError
+
+MANIFEST = "_MANIFEST.json"
+PART_SIZE = 16 * 1024 * 1024  # multipart chunk (S3 needs at least 5 MiB)
+T = TypeVar("T")
+
+
+class StorageError(RuntimeError):
+    pass
+
+
+class IncompleteArtifact(StorageError):
+    """No manifest: the artifact is being written, or its writer died."""
+
+
+class ChecksumMismatch(StorageError):
+    pass
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    endpoint: str  # host:port
+    secure: bool
+    access_key: str = field(repr=False)
+    secret_key: str = field(repr=False)
+    region: str | None = None
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> S3Settings:
+        env = dict(os.environ if env is None else env)
+        url = env.get("S3_ENDPOINT") or env.get("AWS_ENDPOINT_URL") or env.get("MINIO_ENDPOINT")
+        access = env.get("AWS_ACCESS_KEY_ID") or env.get("MINIO_ACCESS_KEY")
+        secret = env.get("AWS_SECRET_ACCESS_KEY") or env.get("MINIO_SECRET_KEY")
+        if not url or not access or not secret:
+            raise InputError("s3:// URIs need S3_ENDPOINT, AWS_ACCESS_KEY_ID and "
+                             "AWS_SECRET_ACCESS_KEY in the environment (from a Kubernetes Secret)")
+        parsed = urlparse(url if "://" in url else f"http://{url}")
+        return cls(parsed.netloc, parsed.scheme == "https", access, secret,
+                   env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"))
+
+    def client(self):
+        from minio import Minio
+
+        return Minio(self.endpoint, access_key=self.access_key, secret_key=self.secret_key,
+                     secure=self.secure, region=self.region)
+
+
+def is_remote(uri: str | Path) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise InputError(f"{uri!r} is not an s3://bucket/prefix URI")
+    return parsed.netloc, parsed.path.strip("/")
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def manifest_of(directory: Path) -> dict:
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        relative = path.relative_to(directory).as_posix()
+        if relative != MANIFEST:
+            files[relative] = {"size": path.stat().st_size, "sha256": sha256(path)}
+    return {"version": 1, "files": files}
+
+
+def retry(action: Callable[[], T], what: str, attempts: int = 5, base_delay: float = 0.5) -> T:
+    """Retry transient S3 failures (network errors, 5xx) with exponential backoff."""
+    from minio.error import S3Error
+    from urllib3.exceptions import HTTPError
+
+    for attempt in range(attempts):
+        try:
+            return action()
+        except S3Error as e:
+            if e.code in ("NoSuchKey", "NoSuchBucket", "AccessDenied", "InvalidAccessKeyId",
+                          "SignatureDoesNotMatch") or attempt == attempts - 1:
+                raise StorageError(f"{what}: {e.code}: {e.message}") from e
+        except (HTTPError, OSError) as e:
+            if attempt == attempts - 1:
+                raise StorageError(f"{what}: {e}") from e
+        time.sleep(base_delay * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
+# --- writing ----------------------------------------------------------------------------
+def upload(local: str | Path, uri: str | Path, settings: S3Settings | None = None) -> dict:
+    """Publish a local directory at `uri`; the manifest goes last. Returns the manifest."""
+    local = Path(local)
+    if not local.is_dir():
+        raise InputError(f"{local} is not a directory")
+    manifest = manifest_of(local)
+    if not is_remote(uri):
+        target = Path(uri)
+        partial = target.with_name(target.name + ".partial")
+        if partial.exists():
+            shutil.rmtree(partial)
+        shutil.copytree(local, partial, ignore=shutil.ignore_patterns(MANIFEST))
+        (partial / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(partial, target)
+        return manifest
+    settings = settings or S3Settings.from_env()
+    client = settings.client()
+    bucket, prefix = split_uri(str(uri))
+    if not retry(lambda: client.bucket_exists(bucket), f"bucket {bucket}"):
+        retry(lambda: client.make_bucket(bucket), f"create bucket {bucket}")
+    key = f"{prefix}/{MANIFEST}" if prefix else MANIFEST
+    retry(lambda: client.remove_object(bucket, key), f"unpublish {uri}")  # incomplete while writing
+    for relative in manifest["files"]:
+        name = f"{prefix}/{relative}" if prefix else relative
+        retry(lambda: client.fput_object(bucket, name, str(local / relative), part_size=PART_SIZE),
+              f"upload {relative} to {uri}")
+    body = json.dumps(manifest, indent=1).encode()
+    import io
+    retry(lambda: client.put_object(bucket, key, io.BytesIO(body), len(body),
+                                    content_type="application/json"), f"publish {uri}")
+    return manifest
+
+
+# --- reading ----------------------------------------------------------------------------
+def read_manifest(uri: str | Path, settings: S3Settings | None = None) -> dict:
+    if not is_remote(uri):
+        path = Path(uri) / MANIFEST
+        if not path.is_file():
+            raise IncompleteArtifact(f"{uri} has no {MANIFEST}: it is incomplete or not an artifact")
+        return json.loads(path.read_text())
+    settings = settings or S3Settings.from_env()
+    client = settings.client()
+    bucket, prefix = split_uri(str(uri))
+    key = f"{prefix}/{MANIFEST}" if prefix else MANIFEST
+    try:
+        response = retry(lambda: client.get_object(bucket, key), f"read {uri}/{MANIFEST}")
+    except StorageError as e:
+        raise IncompleteArtifact(f"{uri} has no {MANIFEST}: it is incomplete or not an "
+                                 f"artifact ({e})") from e
+    try:
+        return json.loads(response.read())
+    finally:
+        response.close()
+        response.release_conn()
+
+
+def is_complete(uri: str | Path, settings: S3Settings | None = None) -> bool:
+    try:
+        read_manifest(uri, settings)
+        return True
+    except IncompleteArtifact:
+        return False
+
+
+def download(uri: str | Path, local: str | Path, settings: S3Settings | None = None) -> Path:
+    """Fetch a complete artifact into `local` (created whole or not at all), verifying every file."""
+    local = Path(local)
+    manifest = read_manifest(uri, settings)
+    partial = local.with_name(local.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    if is_remote(uri):
+        settings = settings or S3Settings.from_env()
+        client = settings.client()
+        bucket, prefix = split_uri(str(uri))
+    for relative, expected in manifest["files"].items():
+        target = partial / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if is_remote(uri):
+            name = f"{prefix}/{relative}" if prefix else relative
+            retry(lambda: client.fget_object(bucket, name, str(target)), f"download {relative}")
+        else:
+            shutil.copyfile(Path(uri) / relative, target)
+        if target.stat().st_size != expected["size"] or sha256(target) != expected["sha256"]:
+            shutil.rmtree(partial)
+            raise ChecksumMismatch(f"{uri}/{relative} does not match its manifest checksum")
+    (partial / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    if local.exists():
+        shutil.rmtree(local)
+    os.replace(partial, local)
+    return local
+
+
+def materialize(uri: str | Path, cache: str | Path) -> Path:
+    """A local path holding the artifact: the path itself, or a verified download."""
+    if not is_remote(uri):
+        return Path(uri)
+    bucket, prefix = split_uri(str(uri))
+    return download(uri, Path(cache) / bucket / (prefix or "_root"))

@@ -1,0 +1,24 @@
+# The APR server: the spawn/join loop in front of the SGLang container of the same pod.
+# Build from the repository root:  docker build -f images/apr-serve.Dockerfile -t REGISTRY/apr-serve:0.1.0 .
+FROM python:3.11.10-slim-bookworm AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY apr ./apr
+COPY images/constraints.txt ./constraints.txt
+RUN python -m venv /opt/apr \
+ && /opt/apr/bin/pip install --no-cache-dir --upgrade pip==24.3.1 \
+ && /opt/apr/bin/pip install --no-cache-dir --constraint constraints.txt ".[serve]" \
+      "minio==7.2.20"
+
+FROM python:3.11.10-slim-bookworm
+LABEL org.opencontainers.image.title="apr-serve" \
+      org.opencontainers.image.description="APR on Kubernetes: the APR inference server" \
+      org.opencontainers.image.version="0.1.0" \
+      org.opencontainers.image.licenses="Apache-2.0"
+COPY --from=build /opt/apr /opt/apr
+RUN useradd --uid 10001 --create-home apr
+USER 10001
+ENV PATH=/opt/apr/bin:$PATH PYTHONUNBUFFERED=1
+WORKDIR /home/apr
+EXPOSE 8000
+ENTRYPOINT ["apr"]

@@ -1,0 +1,81 @@
+"""The Kubeflow pipeline: the committed YAML, its DAG and GPU settings, and a local run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from apr import pipeline, storage
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED = ROOT / "pipelines" / "apr_pipeline.yaml"
+GPU_TASKS = {"sft", "sft-2", "evaluate", "evaluate-2"}
+
+
+def test_committed_yaml_is_what_the_code_compiles(tmp_path):
+    fresh = pipeline.compile_yaml(tmp_path / "p.yaml")
+    assert fresh.read_text() == COMMITTED.read_text(), \
+        "pipelines/apr_pipeline.yaml is stale: run `apr pipeline compile` and commit it"
+
+
+def test_yaml_loads_back_through_kfp_with_the_whole_dag():
+    from kfp import components
+
+    component = components.load_component_from_file(str(COMMITTED))
+    assert component.name == pipeline.PIPELINE_NAME
+    documents = list(yaml.safe_load_all(COMMITTED.read_text()))
+    spec, platform = documents[0], documents[1]
+    tasks = spec["root"]["dag"]["tasks"]
+    assert set(tasks) == {"datagen", "sft", "sft-2", "evaluate", "evaluate-2", "compare", "publish"}
+
+    def upstream(name):
+        return set(tasks[name].get("dependentTasks", []))
+
+    assert upstream("sft") == upstream("sft-2") == {"datagen"}
+    assert upstream("evaluate") == {"datagen", "sft"} and upstream("evaluate-2") == {"datagen", "sft-2"}
+    assert upstream("compare") == {"evaluate", "evaluate-2"}
+    assert upstream("publish") >= {"sft", "compare"}
+    executors = spec["deploymentSpec"]["executors"]
+    for task in GPU_TASKS:
+        container = executors[tasks[task]["componentRef"]["name"].replace("comp-", "exec-")]["container"]
+        assert container["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
+        assert str(container["resources"]["accelerator"]["resourceCount"]) == "1"
+        assert "train_image" in container["image"]
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for task in GPU_TASKS:
+        executor = k8s["exec-" + task]
+        assert executor["tolerations"][0]["key"] == "nvidia.com/gpu"
+        assert executor["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
+    secret = k8s["exec-publish"]["secretAsEnv"][0]
+    assert secret["secretName"] == "mlpipeline-minio-artifact"
+    assert {e["envVar"] for e in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    for name in ("preset", "store", "model_name", "model_version", "image", "train_image",
+                 "sft_overrides", "s3_endpoint"):
+        assert name in spec["root"]["inputDefinitions"]["parameters"]
+
+
+def test_components_install_nothing_at_run_time():
+    documents = list(yaml.safe_load_all(COMMITTED.read_text()))
+    for name, executor in documents[0]["deploymentSpec"]["executors"].items():
+        command = " ".join(executor["container"]["command"])
+        assert "pip install" not in command, name
+
+
+def test_local_run_end_to_end(tmp_path):
+    summary = pipeline.run_local(tmp_path, overrides={
+        "datagen": ["problems.train_size=40", "problems.val_size=6", "problems.test_size=0",
+                    "chunk_size=10", "shard_size=40", "workers=1"],
+        "sft": ["max_steps=2", "context=1024", "tokens_per_batch=2048", "eval_sequences=8",
+                "checkpoint_every=2", "eval_every=2"],
+        "evaluate": ["max_problems=3", "context=64", "context_limits=[32,64]"]})
+    report = Path(summary["report"])
+    assert report.is_file() and "| apr |" in report.read_text() and "| sos |" in report.read_text()
+    metrics = json.loads(Path(summary["metrics"]).read_text())
+    assert set(metrics["settings"]) == {"apr", "sos"}
+    assert (report.parent / "report.html").read_text().count("data:image/png;base64") == 3
+    published = tmp_path / "store" / "models" / "apr-countdown" / "v1"
+    assert storage.is_complete(published)
+    assert (published / "model.safetensors").is_file()

@@ -1,0 +1,115 @@
+"""Artifact storage against a real S3-compatible server (moto's standalone server) on loopback."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from apr import storage
+from apr.config import InputError
+from apr.storage import ChecksumMismatch, IncompleteArtifact, S3Settings
+
+KEYS = {"AWS_ACCESS_KEY_ID": "testing-access", "AWS_SECRET_ACCESS_KEY": "testing-secret-value"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            httpx.get(url, timeout=0.5)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("the S3 server did not start")
+    yield S3Settings.from_env({"S3_ENDPOINT": url, **KEYS})
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def artifact(tmp_path):
+    root = tmp_path / "artifact"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.json").write_text(json.dumps({"x": 1}))
+    (root / "sub" / "b.txt").write_text("hello\n" * 100)
+    (root / "big.bin").write_bytes(os.urandom(storage.PART_SIZE + 3 * 1024 * 1024))  # multipart
+    return root
+
+
+def files(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes()
+            for p in root.rglob("*") if p.is_file() and p.name != storage.MANIFEST}
+
+
+def test_round_trip_of_a_directory_with_a_multipart_file(s3, artifact, tmp_path):
+    manifest = storage.upload(artifact, "s3://artifacts/runs/1/data", s3)
+    assert set(manifest["files"]) == {"a.json", "sub/b.txt", "big.bin"}
+    assert storage.is_complete("s3://artifacts/runs/1/data", s3)
+    got = storage.download("s3://artifacts/runs/1/data", tmp_path / "copy", s3)
+    assert files(got) == files(artifact)
+
+
+def test_an_interrupted_upload_is_not_complete(s3, artifact, tmp_path, monkeypatch):
+    from minio import Minio
+
+    storage.upload(artifact, "s3://artifacts/runs/2/data", s3)  # an earlier complete version
+    real_put = Minio.fput_object
+
+    def dies_on_big_file(self, bucket, name, path, **kwargs):
+        if name.endswith("big.bin"):
+            raise OSError("connection reset by peer")
+        return real_put(self, bucket, name, path, **kwargs)
+
+    monkeypatch.setattr(Minio, "fput_object", dies_on_big_file)
+    monkeypatch.setattr(storage.time, "sleep", lambda seconds: None)
+    with pytest.raises(storage.StorageError, match="big.bin"):
+        storage.upload(artifact, "s3://artifacts/runs/2/data", s3)
+    assert not storage.is_complete("s3://artifacts/runs/2/data", s3)
+    with pytest.raises(IncompleteArtifact):
+        storage.download("s3://artifacts/runs/2/data", tmp_path / "x", s3)
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_wrong_checksum_is_caught(s3, artifact, tmp_path):
+    storage.upload(artifact, "s3://artifacts/runs/3/data", s3)
+    client = s3.client()
+    body = b"tampered"
+    client.put_object("artifacts", "runs/3/data/sub/b.txt", io.BytesIO(body), len(body))
+    with pytest.raises(ChecksumMismatch, match="sub/b.txt"):
+        storage.download("s3://artifacts/runs/3/data", tmp_path / "copy", s3)
+    assert not (tmp_path / "copy").exists()
+
+
+def test_local_uris_use_the_same_manifest_rules(artifact, tmp_path):
+    storage.upload(artifact, tmp_path / "published", None)
+    assert storage.is_complete(tmp_path / "published")
+    assert files(storage.download(tmp_path / "published", tmp_path / "copy")) == files(artifact)
+    assert not storage.is_complete(artifact)
+
+
+def test_settings_come_from_the_environment_and_hide_secrets():
+    s = S3Settings.from_env({"S3_ENDPOINT": "https://minio.example:9000", **KEYS})
+    assert (s.endpoint, s.secure) == ("minio.example:9000", True)
+    assert "testing-secret-value" not in repr(s) and "testing-access" not in repr(s)
+    with pytest.raises(InputError, match="S3_ENDPOINT"):
+        S3Settings.from_env({})
