@@ -249,7 +249,6 @@ def generate_problems(config: DatagenConfig, pool, progress: bool
         need = wanted - len(unique)
         chunks = [(cfg.space(), cfg.seed, s, min(s + config.chunk_size, drawn + need))
                   for s in range(drawn, drawn + need, config.chunk_size)]
-        before = len(unique)
         for chunk in pool.imap(_problem_chunk, chunks):
             for problem in chunk:
                 if problem.key not in seen:
@@ -257,9 +256,9 @@ def generate_problems(config: DatagenConfig, pool, progress: bool
                     unique.append(problem)
                     bar.update(1)
         drawn += need
-        if len(unique) == before:
-            raise InputError(f"the problem space holds only {len(unique)} distinct problems, "
-                             f"fewer than the {wanted} asked for: widen the ranges or ask for fewer")
+        if len(unique) < wanted and drawn >= max(10 * wanted, 10_000):
+            raise InputError(f"{drawn} draws gave only {len(unique)} distinct problems of the "
+                             f"{wanted} asked for: widen the ranges or ask for fewer")
     bar.close()
     splits, start = {}, 0
     for split in SPLITS:
