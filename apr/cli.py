@@ -8,6 +8,7 @@ import sys
 from typing import Sequence
 
 from apr.config import InputError, load
+from apr.storage import StorageError
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +61,13 @@ def _publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pull(args: argparse.Namespace) -> int:
+    from apr import storage
+
+    print(storage.download(args.uri, args.out))
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     from apr.report import run_compare
 
@@ -82,6 +90,22 @@ def _pipeline(args: argparse.Namespace) -> int:
                      "evaluate": args.evaluate_set}
         summary = pipeline.run_local(args.workdir, args.preset, args.store, overrides)
         print(f"report: {summary['report']}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    from apr.serve.app import ServerLimits, serve
+
+    if args.engine in ("sglang", "server") and not args.engine_url:
+        raise InputError(f"--engine {args.engine} needs --engine-url (e.g. http://127.0.0.1:30000)")
+    if args.engine == "local" and not args.model:
+        raise InputError("--engine local needs --model (a model directory)")
+    limits = ServerLimits(max_concurrency=args.max_concurrency,
+                          request_timeout_s=args.request_timeout, max_tokens=args.max_tokens)
+    serve(args.engine, args.engine_url, args.model, args.host, args.port, limits,
+          token=os.environ.get("APR_API_TOKEN") or None)
     return 0
 
 
@@ -133,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", required=True)
     p.set_defaults(run=_publish)
 
+    p = stages.add_parser("pull", help="download a published artifact (checked against its manifest)")
+    p.add_argument("--uri", required=True, help="s3://bucket/models/<name>/<version> or a directory")
+    p.add_argument("--out", required=True, help="local directory (replaced when complete)")
+    p.set_defaults(run=_pull)
+
     p = stages.add_parser("pipeline", help="the Kubeflow pipeline: compile, submit, run locally")
     commands = p.add_subparsers(dest="pipeline_command", required=True, metavar="COMMAND")
     c = commands.add_parser("compile", help="write the pipeline YAML for the Kubeflow UI")
@@ -154,6 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"override a {stage} config field (repeatable)")
     p.set_defaults(run=_pipeline)
 
+    p = stages.add_parser("serve", help="the APR server: POST /v1/solve, /healthz, /readyz, /metrics")
+    p.add_argument("--engine", default="sglang", choices=["sglang", "server", "local"])
+    p.add_argument("--engine-url", default="", help="the SGLang (or `apr engine serve`) URL")
+    p.add_argument("--model", help="a model directory, for --engine local")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-concurrency", type=int, default=64, help="solves decoded at once")
+    p.add_argument("--request-timeout", type=float, default=120.0, help="seconds per solve")
+    p.add_argument("--max-tokens", type=int, default=4096, help="context window of each thread")
+    p.set_defaults(run=_serve)
+
     p = stages.add_parser("engine", help="generation engines (serve the SGLang-compatible API)")
     engine = p.add_subparsers(dest="engine_command", required=True, metavar="COMMAND")
     serve = engine.add_parser("serve", help="SGLang's HTTP subset over the local engine")
@@ -170,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (InputError, FileExistsError, FileNotFoundError) as e:
+    except (InputError, FileExistsError, FileNotFoundError, StorageError) as e:
         print(f"apr {args.stage}: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,1 @@
+"""The APR inference server: the spawn/join loop behind an HTTP API, with Prometheus metrics."""

@@ -1,0 +1,33 @@
+{{/*
+apr-server.pullContainer: the init container that downloads the model into the `models` emptyDir
+with `apr pull` (which checks every file against the artifact's manifest). The S3 credentials
+come from a Secret, never from values.
+*/}}
+{{- define "apr-server.pullContainer" -}}
+- name: pull-model
+  image: {{ include "apr-server.image" .Values.image.apr }}
+  imagePullPolicy: {{ .Values.image.apr.pullPolicy }}
+  command: ["apr", "pull", "--uri", {{ .Values.model.uri | quote }}, "--out", "/models/current"]
+  env:
+    - name: S3_ENDPOINT
+      value: {{ .Values.model.s3.endpoint | quote }}
+    - name: AWS_ACCESS_KEY_ID
+      valueFrom:
+        secretKeyRef:
+          name: {{ .Values.model.s3.accessKey.secretName }}
+          key: {{ .Values.model.s3.accessKey.secretKey }}
+    - name: AWS_SECRET_ACCESS_KEY
+      valueFrom:
+        secretKeyRef:
+          name: {{ .Values.model.s3.secretKey.secretName }}
+          key: {{ .Values.model.s3.secretKey.secretKey }}
+  resources:
+    {{- toYaml .Values.model.pullResources | nindent 4 }}
+  securityContext:
+    {{- toYaml .Values.securityContext | nindent 4 }}
+  volumeMounts:
+    - name: models
+      mountPath: /models
+    - name: tmp
+      mountPath: /tmp
+{{- end }}

@@ -1,0 +1,254 @@
+"""The APR server: solves, bad input, auth, engine outages, metrics, and a real Prometheus."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from functools import lru_cache
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from apr.engine.base import EngineError
+from apr.engine.oracle import OracleEngine
+from apr.serve.app import ServerLimits, create_app
+from apr.serve.metrics import ALL
+from tests.test_runtime import records
+
+
+@pytest.fixture(scope="module")
+def corpus() -> list[dict]:
+    return records(40, seed=5)
+
+
+@pytest.fixture(scope="module")
+def solved(corpus) -> dict:
+    return next(r for r in corpus if r["kind"] == "apr" and r["solved"] and r["children"] > 0)
+
+
+def client_for(engine, **kwargs) -> TestClient:
+    return TestClient(create_app(engine, **kwargs))
+
+
+def test_a_solve_returns_a_verified_solution_and_its_costs(corpus, solved):
+    client = client_for(OracleEngine(corpus), limits=ServerLimits(max_tokens=4096))
+    answer = client.post("/v1/solve", json={"nums": solved["nums"], "target": solved["target"],
+                                            "trace": True})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["correct"] and body["solution"] and body["failure"] is None
+    assert body["children"] == solved["children"]
+    assert body["tokens"]["sequential"] < body["tokens"]["total"]
+    assert [t["prompt"] for t in body["trace"]] == [t["prompt"] for t in solved["threads"]]
+    metrics = client.get("/metrics").text
+    assert 'apr_requests_total{mode="apr",outcome="correct"} 1.0' in metrics
+    assert "apr_children_per_request_count 1.0" in metrics
+    for name in ALL:
+        assert name in metrics, name
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"nums": [1], "target": 5}, "nums"),
+    ({"nums": [1, 2, 3, 4, 5, 6, 7], "target": 5}, "nums"),
+    ({"nums": [0, 2], "target": 5}, "nums"),
+    ({"nums": [1, 2], "target": -3}, "target"),
+    ({"nums": [1, 2], "target": 5, "budget": 0}, "budget"),
+    ({"nums": [1, 2], "target": 5, "max_tokens": 4}, "max_tokens"),
+    ({"nums": [1, 2], "target": 5, "temperature": 9}, "temperature"),
+    ({"nums": "1,2", "target": 5}, "nums"),
+    ({"target": 5}, "nums"),
+])
+def test_bad_input_is_a_4xx_that_names_the_field(corpus, body, field):
+    answer = client_for(OracleEngine(corpus)).post("/v1/solve", json=body)
+    assert answer.status_code == 422 and field in answer.json()["error"], answer.text
+
+
+def test_oversized_and_non_json_bodies_are_refused(corpus):
+    client = client_for(OracleEngine(corpus), limits=ServerLimits(max_body_bytes=100))
+    big = client.post("/v1/solve", content=b"{" + b" " * 500 + b"}",
+                      headers={"content-type": "application/json"})
+    assert big.status_code == 413
+    garbage = client.post("/v1/solve", content=b"{nums", headers={"content-type": "application/json"})
+    assert garbage.status_code == 422
+
+
+def test_bearer_token_is_required_when_configured(corpus, solved):
+    client = client_for(OracleEngine(corpus), token="s3cret")
+    body = {"nums": solved["nums"], "target": solved["target"]}
+    assert client.post("/v1/solve", json=body).status_code == 401
+    assert client.post("/v1/solve", json=body, headers={"authorization": "Bearer nope"}).status_code == 401
+    ok = client.post("/v1/solve", json=body, headers={"authorization": "Bearer s3cret"})
+    assert ok.status_code == 200
+
+
+class Flaky:
+    """An engine that can be switched off and on, like an SGLang container restarting."""
+
+    def __init__(self, inner):
+        self.inner, self.up = inner, True
+
+    async def generate(self, prompts, sampling):
+        if not self.up:
+            raise EngineError("connection refused")
+        return await self.inner.generate(prompts, sampling)
+
+    async def ready(self):
+        return self.up
+
+    async def close(self):
+        pass
+
+
+def test_an_engine_outage_gives_503_and_the_server_recovers(corpus, solved):
+    engine = Flaky(OracleEngine(corpus))
+    client = client_for(engine)
+    body = {"nums": solved["nums"], "target": solved["target"]}
+    assert client.post("/v1/solve", json=body).status_code == 200
+    engine.up = False
+    answer = client.post("/v1/solve", json=body)
+    assert answer.status_code == 503 and answer.json()["kind"] == "engine_unavailable"
+    assert client.get("/readyz").status_code == 503
+    assert client.get("/healthz").status_code == 200
+    engine.up = True
+    assert client.get("/readyz").status_code == 200
+    assert client.post("/v1/solve", json=body).status_code == 200
+    assert 'apr_errors_total{kind="engine_unavailable"} 1.0' in client.get("/metrics").text
+
+
+class Slow:
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    async def generate(self, prompts, sampling):
+        await asyncio.sleep(self.seconds)
+        raise AssertionError("the timeout should have fired")
+
+    async def ready(self):
+        return True
+
+    async def close(self):
+        pass
+
+
+def test_a_solve_over_the_time_limit_is_a_504():
+    client = client_for(Slow(5), limits=ServerLimits(request_timeout_s=0.2))
+    answer = client.post("/v1/solve", json={"nums": [1, 2], "target": 3})
+    assert answer.status_code == 504
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+                    | st.text(max_size=20), lambda children: st.lists(children, max_size=5)
+                    | st.dictionaries(st.text(max_size=10), children, max_size=5), max_leaves=20)
+BODIES = st.one_of(
+    JSON,
+    st.fixed_dictionaries({"nums": JSON, "target": JSON}),
+    st.fixed_dictionaries({"nums": st.lists(st.integers(), max_size=8), "target": st.integers()},
+                          optional={"budget": JSON, "temperature": JSON, "max_tokens": JSON,
+                                    "trace": JSON}),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(body=BODIES)
+def test_fuzzed_bodies_never_get_a_5xx(body):
+    answer = _fuzz_client().post("/v1/solve", json=body)
+    assert answer.status_code < 500, (body, answer.text)
+
+
+@lru_cache(maxsize=1)
+def _fuzz_client() -> TestClient:
+    return client_for(OracleEngine(records(10, seed=6)), limits=ServerLimits(max_tokens=512,
+                                                                           max_number=99))
+
+
+# --- a real Prometheus scrapes the server --------------------------------------------------
+class Sleepy:
+    """Answers every call after a fixed delay, so request latency is known in advance."""
+
+    def __init__(self, inner, seconds):
+        self.inner, self.seconds = inner, seconds
+
+    async def generate(self, prompts, sampling):
+        await asyncio.sleep(self.seconds)
+        return await self.inner.generate(prompts, sampling)
+
+    async def ready(self):
+        return True
+
+    async def close(self):
+        pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_prometheus_scrapes_the_server_and_sees_its_latency(corpus, tmp_path):
+    binary = shutil.which("prometheus")
+    if binary is None:
+        if os.environ.get("APR_REQUIRE_TOOLS"):
+            pytest.fail("Debian's prometheus package is required (APR_REQUIRE_TOOLS=1)")
+        pytest.skip("prometheus is not installed (apt-get install prometheus)")
+    import uvicorn
+
+    problem = next(r for r in corpus if r["kind"] == "apr")
+    spawns = sum(t["role"] == "parent" for t in problem["threads"]) - 1
+    calls = 2 * spawns + 1  # a parent call per segment, a children call per spawn
+    app = create_app(Sleepy(OracleEngine(corpus), 0.4 / calls))  # about 0.4 s a solve
+    port, prom_port = free_port(), free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(f"global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: apr\n"
+                      f"    static_configs:\n      - targets: ['127.0.0.1:{port}']\n")
+    prom = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                             f"--web.listen-address=127.0.0.1:{prom_port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        for _ in range(6):
+            answer = httpx.post(f"http://127.0.0.1:{port}/v1/solve", timeout=30,
+                                json={"nums": problem["nums"], "target": problem["target"]})
+            assert answer.status_code == 200
+        query = ('histogram_quantile(0.5, sum by (le) '
+                 '(apr_request_duration_seconds_bucket{job="apr"}))')
+        value = None
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                result = httpx.get(f"http://127.0.0.1:{prom_port}/api/v1/query",
+                                   params={"query": query}).json()["data"]["result"]
+                count = httpx.get(f"http://127.0.0.1:{prom_port}/api/v1/query", params={
+                    "query": 'sum(apr_request_duration_seconds_count{job="apr"})'}).json()["data"]["result"]
+                if result and count and float(count[0]["value"][1]) == 6:
+                    value = float(result[0]["value"][1])
+                    break
+            except (httpx.HTTPError, KeyError, json.JSONDecodeError):
+                pass
+            time.sleep(0.5)
+        assert value is not None, "Prometheus never saw the six requests"
+        # Every solve took 0.4 s plus a little: all fall in the (0.25, 0.5] bucket, so the
+        # median interpolates inside it.
+        assert 0.25 < value <= 0.5
+    finally:
+        prom.terminate()
+        prom.wait(timeout=10)
+        server.should_exit = True
+        thread.join(timeout=10)
