@@ -1,0 +1,107 @@
+"""Kubernetes manifests for the GRPO job: the trainer with SGLang as a native sidecar.
+
+Released KFP cannot declare a sidecar, so the pipeline's GRPO step will launch this Job with
+the `kubernetes` client. The pod holds the trainer container and SGLang as an init container
+with `restartPolicy: Always` (native sidecars, Kubernetes 1.29+): SGLang starts first, stays
+up for the whole run, and stops when the trainer exits. Both share an emptyDir for weights
+(the trainer writes safetensors there, then calls `/update_weights_from_disk`) and talk over
+localhost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SGLANG_PORT = 30000
+SHARED = "/shared"  # the weights directory both containers see
+
+
+@dataclass(frozen=True)
+class GRPOJobSpec:
+    name: str
+    model_uri: str  # the SFT model to start from (s3://... as published, or a path)
+    namespace: str = "kubeflow"
+    trainer_image: str = "ghcr.io/apr-on-kubernetes/apr-train:0.1.0"
+    sglang_image: str = "lmsysorg/sglang:v0.5.23"
+    trainer_args: tuple[str, ...] = ()  # appended to `apr grpo`
+    gpus_trainer: int = 1
+    gpus_sglang: int = 1
+    gpu_resource: str = "nvidia.com/gpu"
+    shm_size: str = "8Gi"
+    node_selector: dict[str, str] = field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
+    s3_secret: str = "mlpipeline-minio-artifact"  # keys accesskey / secretkey
+    s3_endpoint: str = "http://seaweedfs.kubeflow:9000"
+    ttl_seconds: int = 3600
+
+
+def _gpu(count: int, resource: str) -> dict:
+    return {"limits": {resource: count}, "requests": {resource: count}}
+
+
+def grpo_job(spec: GRPOJobSpec) -> dict:
+    """The Job manifest, as a plain dict (validated against Kubernetes schemas by the tests)."""
+    labels = {"app.kubernetes.io/name": "apr-grpo", "app.kubernetes.io/instance": spec.name,
+              "app.kubernetes.io/component": "grpo", "app.kubernetes.io/part-of": "apr"}
+    health = {"httpGet": {"path": "/health_generate", "port": SGLANG_PORT}}
+    sidecar = {
+        "name": "sglang",
+        "image": spec.sglang_image,
+        "restartPolicy": "Always",  # a native sidecar: up before the trainer, for its whole run
+        "command": ["python3", "-m", "sglang.launch_server",
+                    "--model-path", f"{SHARED}/initial", "--host", "127.0.0.1",
+                    "--port", str(SGLANG_PORT), "--enable-metrics", "--allow-auto-truncate"],
+        "ports": [{"name": "sglang", "containerPort": SGLANG_PORT}],
+        "resources": _gpu(spec.gpus_sglang, spec.gpu_resource),
+        # The trainer starts once SGLang has generated a token; loading can take minutes.
+        "startupProbe": {**health, "periodSeconds": 10, "failureThreshold": 120},
+        "readinessProbe": {**health, "periodSeconds": 10},
+        "volumeMounts": [{"name": "shared", "mountPath": SHARED},
+                         {"name": "dshm", "mountPath": "/dev/shm"}],
+    }
+    secret = [{"name": env, "valueFrom": {"secretKeyRef": {"name": spec.s3_secret, "key": key}}}
+              for env, key in (("AWS_ACCESS_KEY_ID", "accesskey"),
+                               ("AWS_SECRET_ACCESS_KEY", "secretkey"))]
+    # The trainer's command is the `apr grpo` entry point the GRPO issue adds (not written yet).
+    trainer = {
+        "name": "trainer",
+        "image": spec.trainer_image,
+        "command": ["apr", "grpo", "--engine-url", f"http://127.0.0.1:{SGLANG_PORT}",
+                    "--weights-dir", SHARED, *spec.trainer_args],
+        "env": [{"name": "S3_ENDPOINT", "value": spec.s3_endpoint}, *secret],
+        "resources": _gpu(spec.gpus_trainer, spec.gpu_resource),
+        "volumeMounts": [{"name": "shared", "mountPath": SHARED}],
+        "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True,
+                            "runAsUser": 10001, "capabilities": {"drop": ["ALL"]}},
+    }
+    # Init containers run in order: the SFT model is pulled before SGLang starts on it.
+    pull = {
+        "name": "pull-model",
+        "image": spec.trainer_image,
+        "command": ["apr", "pull", "--uri", spec.model_uri, "--out", f"{SHARED}/initial"],
+        "env": [{"name": "S3_ENDPOINT", "value": spec.s3_endpoint}, *secret],
+        "volumeMounts": [{"name": "shared", "mountPath": SHARED}],
+        "securityContext": trainer["securityContext"],
+    }
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": spec.name, "namespace": spec.namespace, "labels": labels},
+        "spec": {
+            "backoffLimit": 0,  # a failed run is resumed from its checkpoint by a new Job
+            "ttlSecondsAfterFinished": spec.ttl_seconds,
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "initContainers": [pull, sidecar],
+                    "containers": [trainer],
+                    "volumes": [{"name": "shared", "emptyDir": {}},
+                                {"name": "dshm", "emptyDir": {"medium": "Memory",
+                                                              "sizeLimit": spec.shm_size}}],
+                    "nodeSelector": dict(spec.node_selector),
+                    "tolerations": [{"key": spec.gpu_resource, "operator": "Exists",
+                                     "effect": "NoSchedule"}],
+                },
+            },
+        },
+    }
