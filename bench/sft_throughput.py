@@ -83,9 +83,10 @@ def main() -> None:
                     optimizer.zero_grad(set_to_none=True)
                     counted.append(ids.numel())
             else:
-                def step(i, run=run, optimizer=optimizer, counted=counted):
+                def step(i, run=run, optimizer=optimizer, counted=counted,
+                         pad=model.config.pad_token_id):
                     indices = batches[i % len(batches)]
-                    ids, mask = collate(seqs, indices, 64, model.config.pad_token_id)
+                    ids, mask = collate(seqs, indices, 64, pad)
                     ids, mask = torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
                     with autocast():
                         loss = token_loss(run, ids, mask) / mask.sum()

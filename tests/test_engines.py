@@ -4,7 +4,6 @@ the `sglang` client end to end."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import socket
 import subprocess
@@ -14,7 +13,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 from apr import model as model_lib
 from apr.engine.base import LENGTH, STOP, Completion, EngineError, Sampling, cut_at_stop
