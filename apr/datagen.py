@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from apr import tokenizer
 from apr.config import InputError, check, check_choice, check_range, dump
-from apr.countdown.problems import SPLITS, NoSolvableProblem, Problem, ProblemSpace, candidates
+from apr.countdown.problems import SPLITS, Problem, ProblemSpace, candidates
 from apr.countdown.search import HEURISTICS, SearchParams, apr_search, sos_search
 from apr.countdown.threads import apr_threads, final_text, sos_threads
 from apr.countdown.trace import SUB_CALL_BUDGET, TOKEN_BUDGET, Budget, token_budget
@@ -143,10 +143,7 @@ class DatagenConfig:
 
 # --- work done in the worker processes ------------------------------------------------------
 def _problem_chunk(args: tuple[ProblemSpace, int, int, int]) -> list[Problem]:
-    try:
-        return candidates(*args)
-    except NoSolvableProblem as e:
-        raise InputError(str(e)) from None
+    return candidates(*args)
 
 
 @dataclass

@@ -7,7 +7,6 @@ tokenizer files: `AutoModelForCausalLM` / `AutoTokenizer` load it, and it is wha
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -115,7 +114,3 @@ def load(directory: str | Path, device: str = "cpu", dtype=None):
                                 "point at the `model/` directory that `apr sft` writes")
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, use_safetensors=True)
     return model.to(device)
-
-
-def describe(directory: str | Path) -> dict:
-    return json.loads((Path(directory) / "config.json").read_text())

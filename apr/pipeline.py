@@ -127,10 +127,9 @@ def run_local(workdir: str | Path, preset: str = "local", store: str | None = No
         raise RuntimeError(f"kfp.local wrote no run under {root}")
     run_dir = runs[-1]
     reports = sorted(run_dir.glob("compare/comparison/report.md"))
-    published = workdir / "store" / "models" if not store else None
     summary = {"run": str(run_dir), "seconds": round(time.perf_counter() - started, 1),
                "report": str(reports[0]) if reports else None,
                "metrics": str(reports[0].with_name("metrics.json")) if reports else None,
-               "published": str(published) if published else store}
+               "published": f"{store or workdir / 'store'}/models"}
     print(json.dumps(summary, indent=2), file=sys.stderr)
     return summary

@@ -156,13 +156,18 @@ def token_loss(model, ids, mask):
     return (loss * mask[:, :-1].reshape(-1)).sum()
 
 
-def evaluate(model, seqs: Sequences, config: SFTConfig, device, autocast, pad_id: int) -> float:
-    """Mean token loss over the validation sequences (the first `eval_sequences` of them)."""
+def validation_batches(seqs: Sequences, config: SFTConfig) -> list[np.ndarray]:
+    """The batches of the first `eval_sequences` validation sequences (planned once a run)."""
+    count = len(seqs) if config.eval_sequences == 0 else min(len(seqs), config.eval_sequences)
+    return plan_batches(seqs.lengths[:count], config.tokens_per_batch, config.pad_multiple,
+                        config.seed, 0)
+
+
+def evaluate(model, seqs: Sequences, batches: list[np.ndarray], config: SFTConfig, device,
+             autocast, pad_id: int) -> float:
+    """Mean token loss over the validation batches."""
     import torch
 
-    count = len(seqs) if config.eval_sequences == 0 else min(len(seqs), config.eval_sequences)
-    lengths = seqs.lengths[:count]
-    batches = plan_batches(lengths, config.tokens_per_batch, config.pad_multiple, config.seed, 0)
     total = tokens = 0.0
     model.eval()
     with torch.no_grad():
@@ -277,8 +282,10 @@ def run(config: SFTConfig, data: str | Path, out: str | Path, resume: bool = Fal
     model = model_lib.build(config.preset, config.context, config.seed).to(device)
     pad_id = model.config.pad_token_id
     optimizer = make_optimizer(model, config, device)
-    per_epoch = len(plan_batches(train.lengths, config.tokens_per_batch, config.pad_multiple,
-                                 config.seed, 0))
+    epoch_batches = {0: plan_batches(train.lengths, config.tokens_per_batch, config.pad_multiple,
+                                     config.seed, 0)}
+    per_epoch = len(epoch_batches[0])
+    val_batches = validation_batches(val, config)
     micro_per_step = config.grad_accum * dist_info.world
     total_steps = config.max_steps or max(1, int(per_epoch * config.epochs) // micro_per_step)
     checkpoints = out / "checkpoints"
@@ -302,8 +309,6 @@ def run(config: SFTConfig, data: str | Path, out: str | Path, resume: bool = Fal
     log = open(out / "metrics.jsonl", "a") if dist_info.main else None
     bar = tqdm(total=total_steps, initial=state["step"], desc="sft", unit="step",
                disable=not (progress and dist_info.main), file=sys.stderr, dynamic_ncols=True)
-    epoch_batches: dict[int, list[np.ndarray]] = {}
-
     def micro_batch(index: int) -> np.ndarray:
         """The `index`-th micro-batch of the whole run, epoch after epoch, same on resume."""
         epoch, position = divmod(index, per_epoch)
@@ -357,7 +362,7 @@ def run(config: SFTConfig, data: str | Path, out: str | Path, resume: bool = Fal
             started, window_tokens = time.perf_counter(), 0
         if state["step"] % config.eval_every == 0 or last:
             if dist_info.main:
-                val_loss = evaluate(model, val, config, device, autocast, pad_id)
+                val_loss = evaluate(model, val, val_batches, config, device, autocast, pad_id)
                 log.write(json.dumps({"step": state["step"], "val_loss": round(val_loss, 5)}) + "\n")
                 log.flush()
         if dist_info.main and (state["step"] % config.checkpoint_every == 0 or last):

@@ -13,6 +13,7 @@ the environment and are never logged:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -146,7 +147,6 @@ def upload(local: str | Path, uri: str | Path, settings: S3Settings | None = Non
         retry(lambda: client.fput_object(bucket, name, str(local / relative), part_size=PART_SIZE),
               f"upload {relative} to {uri}")
     body = json.dumps(manifest, indent=1).encode()
-    import io
     retry(lambda: client.put_object(bucket, key, io.BytesIO(body), len(body),
                                     content_type="application/json"), f"publish {uri}")
     return manifest
@@ -211,11 +211,3 @@ def download(uri: str | Path, local: str | Path, settings: S3Settings | None = N
         shutil.rmtree(local)
     os.replace(partial, local)
     return local
-
-
-def materialize(uri: str | Path, cache: str | Path) -> Path:
-    """A local path holding the artifact: the path itself, or a verified download."""
-    if not is_remote(uri):
-        return Path(uri)
-    bucket, prefix = split_uri(str(uri))
-    return download(uri, Path(cache) / bucket / (prefix or "_root"))

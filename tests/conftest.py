@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -89,3 +90,15 @@ def small_apr_corpus() -> tuple[Solved, ...]:
 @pytest.fixture(scope="session")
 def small_sos_corpus() -> tuple[Solved, ...]:
     return rotate(corpus("sos", 11, 300))[:100]
+
+
+def make_dataset(out: Path, train: int, val: int, seed: int, chunk: int = 10) -> Path:
+    """A small `apr datagen` output (no test split), for the stages that read one."""
+    from apr import datagen
+    from apr.config import from_dict
+
+    config = from_dict(datagen.DatagenConfig, {
+        "problems": {"train_size": train, "val_size": val, "test_size": 0, "seed": seed},
+        "workers": 1, "chunk_size": chunk, "shard_size": chunk * max(1, (train + val) // chunk)})
+    datagen.run(config, out, progress=False)
+    return out

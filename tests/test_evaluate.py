@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from apr import datagen, evaluate, model as model_lib
+from apr import evaluate, model as model_lib
 from apr.config import ConfigError, from_dict, load
 from apr.evaluate import EvalConfig, summarize
+from conftest import make_dataset
 
 OUTPUTS = {"results.jsonl", "metrics.json", "report.md", "config.yaml",
            "accuracy_vs_context.png", "accuracy_vs_total_tokens.png", "accuracy_vs_latency.png"}
@@ -48,12 +49,7 @@ def test_metrics_of_hand_made_rows_equal_hand_computed_values():
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("eval") / "data"
-    config = from_dict(datagen.DatagenConfig, {
-        "problems": {"train_size": 10, "val_size": 50, "test_size": 0, "seed": 5},
-        "workers": 1, "chunk_size": 10, "shard_size": 50})
-    datagen.run(config, out, progress=False)
-    return out
+    return make_dataset(tmp_path_factory.mktemp("eval") / "data", train=10, val=50, seed=5)
 
 
 def test_oracle_evaluation_reports_the_solver_solve_rates(dataset, tmp_path):

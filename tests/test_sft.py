@@ -13,24 +13,20 @@ import numpy as np
 import pytest
 import torch
 
-from apr import datagen, model as model_lib, sft, tokenizer
+from apr import model as model_lib, sft, tokenizer
 from apr.config import ConfigError, from_dict, load
 from apr.data import (
     DataError, Sequences, build_sequences, collate, load_sequences, plan_batches,
 )
 from apr.sft import SFTConfig
+from conftest import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("sft") / "data"
-    config = from_dict(datagen.DatagenConfig, {
-        "problems": {"train_size": 24, "val_size": 8, "test_size": 0, "seed": 3},
-        "workers": 1, "chunk_size": 8, "shard_size": 16})
-    datagen.run(config, out, progress=False)
-    return out
+    return make_dataset(tmp_path_factory.mktemp("sft") / "data", train=24, val=8, seed=3, chunk=8)
 
 
 def tiny(**overrides) -> SFTConfig:

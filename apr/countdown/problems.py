@@ -11,6 +11,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from functools import lru_cache
+
+from apr.config import InputError
 from apr.countdown.search import combinations
 from apr.countdown.trace import Operation, operation
 
@@ -138,8 +140,8 @@ class ProblemSpace:
 MAX_DRAWS = 100_000  # about 7.6 draws are needed per problem in the paper's space
 
 
-class NoSolvableProblem(ValueError):
-    pass
+class NoSolvableProblem(InputError):
+    """The configured space has (almost) no solvable problem for a drawn target."""
 
 
 def candidate(space: ProblemSpace, seed: int, index: int) -> Problem:

@@ -347,7 +347,8 @@ def apr_search(nums: Sequence[int], target: int, params: SearchParams,
     search = _BeamSearch(target, score, rng, context, path_start=root)
 
     def spawn(search: _BeamSearch, nodes: list[Node], level: int) -> Node | None | bool:
-        if level > 0 or len(nodes) < 2 or rng.random() >= params.promising_threshold:
+        # Only the parent spawns: child searches get a callback that never does.
+        if len(nodes) < 2 or rng.random() >= params.promising_threshold:
             return False
         children = [child_search(n, target, params, score, rng) for n in nodes]
         block: list[Event] = [SpawnStart()]

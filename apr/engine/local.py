@@ -37,8 +37,8 @@ class LocalEngine:
         self.device = torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         if self.device.type == "cpu" and cpu_threads:
-            # A decode step of a small model is microseconds of work: more threads only spin
-            # (measured: 1.6 ms a step on one thread, 36 ms on two with the other core busy).
+            # A decode step of a small model is little work: extra OpenMP threads mostly spin,
+            # and on a busy 2-core machine they slowed decoding by more than 10x.
             torch.set_num_threads(cpu_threads)
         torch_dtype = {"auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32,
                        "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
