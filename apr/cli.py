@@ -42,6 +42,19 @@ def _sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _grpo(args: argparse.Namespace) -> int:
+    from apr import grpo
+
+    config = load(grpo.GRPOConfig, args.config, grpo.SECTION, args.overrides)
+    result = grpo.run(config, args.model, args.problems, args.out, engine_url=args.engine_url,
+                      weights_dir=args.weights_dir, resume=args.resume,
+                      progress=not args.no_progress, workdir=args.workdir)
+    print(json.dumps({"model": str(result.model_dir), "out": result.out, "steps": result.steps,
+                      "initial_val_accuracy": result.initial_val_accuracy,
+                      "val_accuracy": result.val_accuracy}, indent=2))
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from apr import evaluate
 
@@ -81,12 +94,19 @@ def _pipeline(args: argparse.Namespace) -> int:
 
     if args.pipeline_command == "compile":
         print(pipeline.compile_yaml(args.output))
+    elif args.pipeline_command == "rbac":
+        import yaml
+
+        from apr.k8s import rbac_manifests
+
+        print(yaml.safe_dump_all(rbac_manifests(args.namespace, args.service_account),
+                                 sort_keys=False), end="")
     elif args.pipeline_command == "submit":
         run = pipeline.submit(args.host, dict(a.split("=", 1) for a in args.arg),
                               args.experiment, args.package)
         print(f"run {run.run_id} submitted to {args.host}")
     else:
-        overrides = {"datagen": args.datagen_set, "sft": args.sft_set,
+        overrides = {"datagen": args.datagen_set, "sft": args.sft_set, "grpo": args.grpo_set,
                      "evaluate": args.evaluate_set}
         summary = pipeline.run_local(args.workdir, args.preset, args.store, overrides)
         print(f"report: {summary['report']}")
@@ -113,7 +133,7 @@ def _engine_serve(args: argparse.Namespace) -> int:
     from apr.engine.server import serve
 
     serve(args.model, host=args.host, port=args.port, device=args.device,
-          max_batch=args.max_batch)
+          max_batch=args.max_batch, weight_version=args.weight_version)
     return 0
 
 
@@ -135,6 +155,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue from the last complete checkpoint in --out")
     p.set_defaults(run=_sft)
+
+    p = stages.add_parser("grpo", help="RL over parent and child threads with a rollout server",
+                          description="GRPO from an SFT model (see apr/grpo.py).")
+    _add_config_args(p)
+    p.add_argument("--model", required=True, help="the SFT model: a directory or s3:// URI")
+    p.add_argument("--problems", required=True,
+                   help="an `apr datagen` output (directory or s3:// URI) or problems JSONL")
+    p.add_argument("--out", required=True, help="run directory or s3:// URI (model/, logs)")
+    p.add_argument("--engine-url", default=None, help="a running rollout server (SGLang or "
+                   "`apr engine serve`); without it this run starts one and stops it after")
+    p.add_argument("--weights-dir", default=None, help="where new weights are written for the "
+                   "server to load (a directory both see; default: <out>/weights)")
+    p.add_argument("--workdir", default=None, help="local work directory when --out is s3://")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the last complete checkpoint of --out")
+    p.set_defaults(run=_grpo)
 
     p = stages.add_parser("evaluate", help="APR against SoS+: accuracy, tokens, latency, plots",
                           description="Evaluate a model on a problem split (see apr/evaluate.py).")
@@ -166,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = p.add_subparsers(dest="pipeline_command", required=True, metavar="COMMAND")
     c = commands.add_parser("compile", help="write the pipeline YAML for the Kubeflow UI")
     c.add_argument("--output", default="pipelines/apr_pipeline.yaml")
+    c = commands.add_parser("rbac", help="the Role that lets pipeline steps run GRPO Jobs "
+                            "(pipe it to `kubectl apply -f -`)")
+    c.add_argument("--namespace", default="kubeflow")
+    c.add_argument("--service-account", default="pipeline-runner")
     c = commands.add_parser("submit", help="upload and run the compiled pipeline (kfp.Client)")
     c.add_argument("--host", required=True, help="the KFP API, e.g. http://localhost:8080")
     c.add_argument("--package", default="pipelines/apr_pipeline.yaml")
@@ -178,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--preset", default="local")
     c.add_argument("--workdir", default="runs/pipeline", help="pipeline root and local store")
     c.add_argument("--store", default=None, help="publish to this s3:// URI instead")
-    for stage in ("datagen", "sft", "evaluate"):
+    for stage in ("datagen", "sft", "grpo", "evaluate"):
         c.add_argument(f"--{stage}-set", action="append", default=[], metavar="KEY=VALUE",
                        help=f"override a {stage} config field (repeatable)")
     p.set_defaults(run=_pipeline)
@@ -202,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=30000)
     serve.add_argument("--device", default="auto", help="auto, cpu or cuda")
     serve.add_argument("--max-batch", type=int, default=64, help="rows per decoding batch")
+    serve.add_argument("--weight-version", default="default",
+                       help="the version reported for the weights loaded at start (as SGLang)")
     serve.set_defaults(run=_engine_serve)
     return parser
 
@@ -213,6 +255,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (InputError, FileExistsError, FileNotFoundError, StorageError) as e:
         print(f"apr {args.stage}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # a stage's own fault report (GRPOError, SidecarError, ...)
+        if type(e).__module__.startswith("apr."):
+            print(f"apr {args.stage}: error: {e}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

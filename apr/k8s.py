@@ -1,11 +1,14 @@
 """Kubernetes manifests for the GRPO job: the trainer with SGLang as a native sidecar.
 
-Released KFP cannot declare a sidecar, so the pipeline's GRPO step will launch this Job with
+Released KFP cannot declare a sidecar, so the pipeline's GRPO step launches this Job with
 the `kubernetes` client. The pod holds the trainer container and SGLang as an init container
 with `restartPolicy: Always` (native sidecars, Kubernetes 1.29+): SGLang starts first, stays
 up for the whole run, and stops when the trainer exits. Both share an emptyDir for weights
 (the trainer writes safetensors there, then calls `/update_weights_from_disk`) and talk over
 localhost.
+
+`apr.launch` runs such a Job from the pipeline step, under a ServiceAccount that
+`rbac_manifests` grants Jobs to.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ class GRPOJobSpec:
     model_uri: str  # the SFT model to start from (s3://... as published, or a path)
     namespace: str = "kubeflow"
     trainer_image: str = "ghcr.io/apr-on-kubernetes/apr-train:0.1.0"
-    sglang_image: str = "lmsysorg/sglang:v0.5.23"
+    sglang_image: str = "lmsysorg/sglang:v0.5.23"  # apr.components.SGLANG_IMAGE
     trainer_args: tuple[str, ...] = ()  # appended to `apr grpo`
     gpus_trainer: int = 1
     gpus_sglang: int = 1
@@ -49,7 +52,8 @@ def grpo_job(spec: GRPOJobSpec) -> dict:
         "restartPolicy": "Always",  # a native sidecar: up before the trainer, for its whole run
         "command": ["python3", "-m", "sglang.launch_server",
                     "--model-path", f"{SHARED}/initial", "--host", "127.0.0.1",
-                    "--port", str(SGLANG_PORT), "--enable-metrics", "--allow-auto-truncate"],
+                    "--port", str(SGLANG_PORT), "--enable-metrics", "--allow-auto-truncate",
+                    "--weight-version", "0"],
         "ports": [{"name": "sglang", "containerPort": SGLANG_PORT}],
         "resources": _gpu(spec.gpus_sglang, spec.gpu_resource),
         # The trainer starts once SGLang has generated a token; loading can take minutes.
@@ -61,7 +65,6 @@ def grpo_job(spec: GRPOJobSpec) -> dict:
     secret = [{"name": env, "valueFrom": {"secretKeyRef": {"name": spec.s3_secret, "key": key}}}
               for env, key in (("AWS_ACCESS_KEY_ID", "accesskey"),
                                ("AWS_SECRET_ACCESS_KEY", "secretkey"))]
-    # The trainer's command is the `apr grpo` entry point the GRPO issue adds (not written yet).
     trainer = {
         "name": "trainer",
         "image": spec.trainer_image,
@@ -105,3 +108,29 @@ def grpo_job(spec: GRPOJobSpec) -> dict:
             },
         },
     }
+
+
+def rbac_manifests(namespace: str, service_account: str = "pipeline-runner") -> list[dict]:
+    """A Role and RoleBinding letting the pipeline's ServiceAccount (in `namespace`) launch Jobs."""
+    name = "apr-job-launcher"
+    labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": "apr"}
+    metadata = {"name": name, "namespace": namespace, "labels": labels}
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": metadata,
+        "rules": [
+            {"apiGroups": ["batch"], "resources": ["jobs"],
+             "verbs": ["create", "get", "list", "watch", "delete"]},
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+        ],
+    }
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": dict(metadata),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": service_account, "namespace": namespace}],
+    }
+    return [role, binding]

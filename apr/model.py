@@ -90,8 +90,16 @@ def parameter_count(model, embeddings: bool = True) -> int:
     return total
 
 
+def _quiet_transformers() -> None:
+    """Saving and loading run many times in GRPO: no progress bar each time."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def save(model, directory: str | Path) -> Path:
     """Write an HF model directory (safetensors + tokenizer), atomically: temp dir, then rename."""
+    _quiet_transformers()
     directory = Path(directory)
     partial = directory.with_name(directory.name + ".partial")
     if partial.exists():
@@ -108,6 +116,7 @@ def load(directory: str | Path, device: str = "cpu", dtype=None):
     """Load a saved model directory (safetensors only: nothing is unpickled)."""
     from transformers import AutoModelForCausalLM
 
+    _quiet_transformers()
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory} is not a model directory (no config.json): "

@@ -1,11 +1,14 @@
-"""The Kubeflow pipeline: datagen, SFT (APR and SoS+), evaluation of both, the comparison
-report, and publication of the APR model for the serving chart.
+"""The Kubeflow pipeline: datagen, then SFT(APR) -> GRPO -> evaluate(APR) and the SoS+
+baseline SFT(SoS+) -> evaluate(SoS+), the comparison report, and publication of the APR model
+(after GRPO) for the serving chart.
 
     apr pipeline compile                 writes pipelines/apr_pipeline.yaml (upload it in the UI)
     apr pipeline submit --host URL       uploads and runs it through kfp.Client
     apr pipeline run --local             the same DAG through kfp.local on this machine
 
-The GRPO stage is not wired in yet (its issue is open): the published model is APR-SFT.
+In the cluster the GRPO step is a CPU launcher of a Kubernetes Job (the trainer with SGLang as
+a native sidecar, `apr/k8s.py`); locally it trains in the step with `apr engine serve` as its
+rollout server.
 """
 
 # No `from __future__ import annotations`: KFP reads the pipeline signature's real types.
@@ -16,10 +19,11 @@ from pathlib import Path
 
 from kfp import dsl
 
-from apr.components import APR_IMAGE, TRAIN_IMAGE
+from apr.components import APR_IMAGE, SGLANG_IMAGE, TRAIN_IMAGE
 from apr.components.compare import compare
 from apr.components.datagen import datagen
 from apr.components.evaluate import evaluate
+from apr.components.grpo import grpo
 from apr.components.publish import publish
 from apr.components.sft import sft
 
@@ -57,23 +61,38 @@ def build(cluster: bool = True):
     @dsl.pipeline(name=PIPELINE_NAME,
                   description="Adaptive Parallel Reasoning on Countdown: APR against SoS+")
     def apr_pipeline(preset: str = "local", datagen_overrides: list = [],
-                     sft_overrides: list = [], evaluate_overrides: list = [],
+                     sft_overrides: list = [], grpo_overrides: list = [],
+                     evaluate_overrides: list = [],
                      store: str = "s3://apr-models", model_name: str = "apr-countdown",
                      model_version: str = "v1", s3_endpoint: str = DEFAULT_S3_ENDPOINT,
-                     image: str = APR_IMAGE, train_image: str = TRAIN_IMAGE):
+                     image: str = APR_IMAGE, train_image: str = TRAIN_IMAGE,
+                     sglang_image: str = SGLANG_IMAGE, namespace: str = "kubeflow",
+                     grpo_timeout_s: float = 0.0):
         data = datagen(preset=preset, overrides=datagen_overrides).set_display_name("datagen")
         models = {}
         evaluations = {}
         for traces, label in (("apr", "APR"), ("sos", "SoS+")):
             trained = sft(preset=preset, traces=traces, overrides=sft_overrides,
                           data=data.outputs["data"]).set_display_name(f"SFT {label}")
+            final = trained
+            if traces == "apr":
+                final = grpo(preset=preset, overrides=grpo_overrides,
+                             launcher="job" if cluster else "local",
+                             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER if cluster else "local",
+                             store=store, s3_endpoint=s3_endpoint, namespace=namespace,
+                             train_image=train_image, sglang_image=sglang_image,
+                             timeout_s=grpo_timeout_s, sft_model=trained.outputs["model"],
+                             data=data.outputs["data"]).set_display_name("GRPO APR")
+                if cluster:  # a CPU step: the GPUs are the Job's
+                    final.set_container_image(image)
+                    _with_store_credentials(final)
             evaluated = evaluate(preset=preset, mode=traces, overrides=evaluate_overrides,
-                                 model=trained.outputs["model"], data=data.outputs["data"]
+                                 model=final.outputs["model"], data=data.outputs["data"]
                                  ).set_display_name(f"evaluate {label}")
             if cluster:
                 _on_gpu(trained, train_image)
                 _on_gpu(evaluated, train_image)
-            models[traces], evaluations[traces] = trained, evaluated
+            models[traces], evaluations[traces] = final, evaluated
         report = compare(apr_results=evaluations["apr"].outputs["results"],
                          sos_results=evaluations["sos"].outputs["results"]
                          ).set_display_name("APR vs SoS+ report")
@@ -120,7 +139,7 @@ def run_local(workdir: str | Path, preset: str = "local", store: str | None = No
     build(cluster=False)(
         preset=preset, store=str(store or workdir / "store"), s3_endpoint="",
         datagen_overrides=overrides.get("datagen", []), sft_overrides=overrides.get("sft", []),
-        evaluate_overrides=overrides.get("evaluate", []))
+        grpo_overrides=overrides.get("grpo", []), evaluate_overrides=overrides.get("evaluate", []))
     root = workdir / "pipeline-root"
     runs = sorted(root.glob(f"{PIPELINE_NAME}-*"), key=lambda p: p.stat().st_mtime)
     if not runs:

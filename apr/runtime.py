@@ -22,7 +22,7 @@ from apr.countdown.trace import (
     JoinEnd, JoinGoal, JoinNoSolution, JoinStart, Move, Operation, SpawnChild, SpawnEnd,
     SpawnStart, State, apply, parse, render, solution_path, verify,
 )
-from apr.engine.base import LENGTH, STOP, Engine, Sampling
+from apr.engine.base import LENGTH, STOP, Completion, Engine, Sampling
 from apr.tokenizer import count_tokens
 
 APR, SOS = "apr", "sos"
@@ -49,6 +49,17 @@ class ThreadRun:
     completion_tokens: int
     spawn: int = 0
     index: int = 0
+    # What RL training needs (filled when the solve asks the engine for log-probs).
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[float, ...] = ()
+    weight_version: str | None = None
+
+    @classmethod
+    def of(cls, role: str, prompt: str, out: Completion, spawn: int = 0, index: int = 0
+           ) -> ThreadRun:
+        return cls(role, prompt, out.text, out.finish_reason, out.prompt_tokens,
+                   out.completion_tokens, spawn, index, out.token_ids, out.logprobs,
+                   out.weight_version)
 
 
 @dataclass
@@ -187,8 +198,10 @@ def child_outcome(prompt: str, text: str) -> list[Event] | None:
 
 
 async def solve_apr(engine: Engine, nums: Sequence[int], target: int,
-                    budgets: Budgets = Budgets(), temperature: float = 0.0) -> Solve:
-    """Decode one problem with spawn/join."""
+                    budgets: Budgets = Budgets(), temperature: float = 0.0,
+                    logprobs: bool = False) -> Solve:
+    """Decode one problem with spawn/join (`logprobs`: keep each thread's sampled tokens and
+    their log-probs, for RL)."""
     started = time.perf_counter()
     solve = Solve(APR, tuple(nums), target)
     context = root_prompt(nums, target, budgets)
@@ -202,11 +215,11 @@ async def solve_apr(engine: Engine, nums: Sequence[int], target: int,
         if room <= 0:
             solve.failure = "budget_exhausted"
             break
-        (out,) = await engine.generate([context], Sampling(room, temperature, stop=(SPAWN_END,)))
+        (out,) = await engine.generate([context], Sampling(room, temperature, stop=(SPAWN_END,),
+                                                           logprobs=logprobs))
         solve.engine_calls += 1
         _account(solve, out.prompt_tokens, out.completion_tokens, sequential=True)
-        solve.threads.append(ThreadRun("parent", context, out.text, out.finish_reason,
-                                       out.prompt_tokens, out.completion_tokens, spawn))
+        solve.threads.append(ThreadRun.of("parent", context, out, spawn))
         if out.matched != SPAWN_END:
             return _timed(_finish(solve, context + out.text, out.finish_reason), started)
         text = out.text if out.text.endswith("\n") else out.text + "\n"
@@ -218,7 +231,8 @@ async def solve_apr(engine: Engine, nums: Sequence[int], target: int,
         runnable = children[:budgets.children_per_spawn or None]
         prompts = [render([Move(node), state]) for _, node, state in runnable]
         rooms = [budgets.context - prompt_length(p) for p in prompts]
-        outs = await engine.generate(prompts, Sampling(max(1, min(rooms)), temperature))
+        outs = await engine.generate(prompts, Sampling(max(1, min(rooms)), temperature,
+                                                       logprobs=logprobs))
         solve.engine_calls += 1
         solve.children += len(runnable)
         join: list[Event] = [JoinStart()]
@@ -226,9 +240,7 @@ async def solve_apr(engine: Engine, nums: Sequence[int], target: int,
             path = None
             if k < len(runnable):
                 out_k = outs[k]
-                solve.threads.append(ThreadRun("child", prompts[k], out_k.text, out_k.finish_reason,
-                                               out_k.prompt_tokens, out_k.completion_tokens,
-                                               spawn, index))
+                solve.threads.append(ThreadRun.of("child", prompts[k], out_k, spawn, index))
                 _account(solve, out_k.prompt_tokens, out_k.completion_tokens, sequential=False)
                 solve.tokens_total += out_k.prompt_tokens - 1  # the runtime wrote the prompt
                 path = child_outcome(prompts[k], out_k.text)
@@ -268,7 +280,8 @@ def sos_prompt(nums: Sequence[int], target: int, budgets: Budgets = Budgets()) -
 
 
 async def solve_sos(engine: Engine, nums: Sequence[int], target: int,
-                    budgets: Budgets = Budgets(), temperature: float = 0.0) -> Solve:
+                    budgets: Budgets = Budgets(), temperature: float = 0.0,
+                    logprobs: bool = False) -> Solve:
     """Decode one problem as one serialized search."""
     started = time.perf_counter()
     solve = Solve(SOS, tuple(nums), target)
@@ -279,12 +292,11 @@ async def solve_sos(engine: Engine, nums: Sequence[int], target: int,
     if room <= 0:
         solve.failure = "budget_exhausted"
         return _timed(solve, started)
-    (out,) = await engine.generate([prompt], Sampling(room, temperature))
+    (out,) = await engine.generate([prompt], Sampling(room, temperature, logprobs=logprobs))
     solve.engine_calls = 1
     solve.tokens_total = out.prompt_tokens
     _account(solve, out.prompt_tokens, out.completion_tokens, sequential=True)
-    solve.threads.append(ThreadRun("parent", prompt, out.text, out.finish_reason,
-                                   out.prompt_tokens, out.completion_tokens))
+    solve.threads.append(ThreadRun.of("parent", prompt, out))
     return _timed(_finish(solve, prompt + out.text, out.finish_reason), started)
 
 

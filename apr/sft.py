@@ -293,7 +293,7 @@ def run(config: SFTConfig, data: str | Path, out: str | Path, resume: bool = Fal
     if resume and (latest := latest_checkpoint(checkpoints)) is not None:
         state = load_checkpoint(latest, model, optimizer, device)
         if dist_info.main:
-            _truncate_log(out / "metrics.jsonl", state["step"])
+            truncate_log(out / "metrics.jsonl", state["step"])
             print(f"resumed from {latest}", file=sys.stderr)
     if dist_info.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -383,7 +383,7 @@ def run(config: SFTConfig, data: str | Path, out: str | Path, resume: bool = Fal
     return SFTResult(model_dir, state["step"], train_loss, val_loss, len(train), train.dropped)
 
 
-def _truncate_log(path: Path, step: int) -> None:
+def truncate_log(path: Path, step: int) -> None:
     """Drop log lines a killed run wrote after the checkpoint it is resumed from."""
     if path.is_file():
         lines = [line for line in path.read_text().splitlines()

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import os
 import random
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from dataclasses import dataclass
 from functools import lru_cache
 
+import httpx
 import pytest
 from hypothesis import settings
 
@@ -92,13 +97,83 @@ def small_sos_corpus() -> tuple[Solved, ...]:
     return rotate(corpus("sos", 11, 300))[:100]
 
 
-def make_dataset(out: Path, train: int, val: int, seed: int, chunk: int = 10) -> Path:
+def make_dataset(out: Path, train: int, val: int, seed: int, chunk: int = 10,
+                 n_numbers: int = 4) -> Path:
     """A small `apr datagen` output (no test split), for the stages that read one."""
     from apr import datagen
     from apr.config import from_dict
 
     config = from_dict(datagen.DatagenConfig, {
-        "problems": {"train_size": train, "val_size": val, "test_size": 0, "seed": seed},
+        "problems": {"train_size": train, "val_size": val, "test_size": 0, "seed": seed,
+                     "n_numbers": n_numbers},
         "workers": 1, "chunk_size": chunk, "shard_size": chunk * max(1, (train + val) // chunk)})
     datagen.run(config, out, progress=False)
     return out
+
+
+class ServedApp:
+    """An ASGI app served by uvicorn on a free loopback port, in a background thread."""
+
+    def __init__(self, app):
+        import socket
+        import threading
+
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "ServedApp":
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing-access", "AWS_SECRET_ACCESS_KEY": "testing-secret-value"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A real S3-compatible server (moto's standalone server) on loopback: its settings."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            httpx.get(url, timeout=0.5)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("the S3 server did not start")
+    from apr.storage import S3Settings
+
+    yield S3Settings.from_env({"S3_ENDPOINT": url, **S3_KEYS})
+    proc.terminate()
+    proc.wait(timeout=10)

@@ -159,11 +159,17 @@ def test_server_speaks_sglang_shapes_and_rejects_unknown_keys(server):
     one = httpx.post(server + "/generate", json={"text": "Moving to Node #0\n",
                                                  "sampling_params": {"max_new_tokens": 3,
                                                                      "temperature": 0}}).json()
-    assert set(one) == {"text", "meta_info"}
+    assert set(one) == {"text", "output_ids", "meta_info"}
+    assert len(one["output_ids"]) == one["meta_info"]["completion_tokens"]
     assert {"finish_reason", "prompt_tokens", "completion_tokens", "e2e_latency",
             "weight_version"} <= set(one["meta_info"])
     bad = httpx.post(server + "/generate", json={"text": ["x"], "sampling_params": {"top_k": 3}})
     assert bad.status_code == 400 and "top_k" in bad.text
+    scored = httpx.post(server + "/generate", json={
+        "text": "Moving to Node #0\n", "return_logprob": True,
+        "sampling_params": {"max_new_tokens": 3, "temperature": 0}}).json()
+    entries = scored["meta_info"]["output_token_logprobs"]
+    assert [e[1] for e in entries] == scored["output_ids"] and all(e[0] <= 0 for e in entries)
     for path in ("/health", "/health_generate", "/ready", "/model_info", "/get_model_info"):
         assert httpx.get(server + path, timeout=30).status_code == 200, path
     assert httpx.post(server + "/flush_cache").status_code == 200

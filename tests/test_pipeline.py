@@ -28,15 +28,17 @@ def test_yaml_loads_back_through_kfp_with_the_whole_dag():
     documents = list(yaml.safe_load_all(COMMITTED.read_text()))
     spec, platform = documents[0], documents[1]
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"datagen", "sft", "sft-2", "evaluate", "evaluate-2", "compare", "publish"}
+    assert set(tasks) == {"datagen", "sft", "sft-2", "grpo", "evaluate", "evaluate-2", "compare",
+                          "publish"}
 
     def upstream(name):
         return set(tasks[name].get("dependentTasks", []))
 
     assert upstream("sft") == upstream("sft-2") == {"datagen"}
-    assert upstream("evaluate") == {"datagen", "sft"} and upstream("evaluate-2") == {"datagen", "sft-2"}
+    assert upstream("grpo") == {"datagen", "sft"}  # GRPO starts from the APR SFT model
+    assert upstream("evaluate") == {"datagen", "grpo"} and upstream("evaluate-2") == {"datagen", "sft-2"}
     assert upstream("compare") == {"evaluate", "evaluate-2"}
-    assert upstream("publish") >= {"sft", "compare"}
+    assert upstream("publish") >= {"grpo", "compare"}  # the published model is the GRPO one
     executors = spec["deploymentSpec"]["executors"]
     for task in GPU_TASKS:
         container = executors[tasks[task]["componentRef"]["name"].replace("comp-", "exec-")]["container"]
@@ -48,11 +50,16 @@ def test_yaml_loads_back_through_kfp_with_the_whole_dag():
         executor = k8s["exec-" + task]
         assert executor["tolerations"][0]["key"] == "nvidia.com/gpu"
         assert executor["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
-    secret = k8s["exec-publish"]["secretAsEnv"][0]
-    assert secret["secretName"] == "mlpipeline-minio-artifact"
-    assert {e["envVar"] for e in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    for task in ("publish", "grpo"):  # both write to the store
+        secret = k8s["exec-" + task]["secretAsEnv"][0]
+        assert secret["secretName"] == "mlpipeline-minio-artifact"
+        assert {e["envVar"] for e in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID",
+                                                            "AWS_SECRET_ACCESS_KEY"}
+    launcher = executors["exec-grpo"]["container"]
+    assert "accelerator" not in launcher.get("resources", {})  # the GPUs are the Job's
+    assert tasks["grpo"]["inputs"]["parameters"]["launcher"]["runtimeValue"]["constant"] == "job"
     for name in ("preset", "store", "model_name", "model_version", "image", "train_image",
-                 "sft_overrides", "s3_endpoint"):
+                 "sft_overrides", "grpo_overrides", "sglang_image", "namespace", "s3_endpoint"):
         assert name in spec["root"]["inputDefinitions"]["parameters"]
 
 
@@ -69,6 +76,8 @@ def test_local_run_end_to_end(tmp_path):
                     "chunk_size=10", "shard_size=40", "workers=1"],
         "sft": ["max_steps=2", "context=1024", "tokens_per_batch=2048", "eval_sequences=8",
                 "checkpoint_every=2", "eval_every=2"],
+        "grpo": ["steps=1", "group_size=2", "prompts_per_step=2", "context=96",
+                 "tokens_per_batch=2048", "val_problems=2"],
         "evaluate": ["max_problems=3", "context=64", "context_limits=[32,64]"]})
     report = Path(summary["report"])
     assert report.is_file() and "| apr |" in report.read_text() and "| sos |" in report.read_text()
@@ -78,3 +87,5 @@ def test_local_run_end_to_end(tmp_path):
     published = tmp_path / "store" / "models" / "apr-countdown" / "v1"
     assert storage.is_complete(published)
     assert (published / "model.safetensors").is_file()
+    grpo_runs = list(Path(summary["run"]).glob("grpo/grpo-run/metrics.jsonl"))
+    assert grpo_runs and '"weight_version": "0"' in grpo_runs[0].read_text()

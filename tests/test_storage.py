@@ -5,45 +5,14 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 
-import httpx
 import pytest
 
 from apr import storage
 from apr.config import InputError
 from apr.storage import ChecksumMismatch, IncompleteArtifact, S3Settings
 
-KEYS = {"AWS_ACCESS_KEY_ID": "testing-access", "AWS_SECRET_ACCESS_KEY": "testing-secret-value"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3():
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            httpx.get(url, timeout=0.5)
-            break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("the S3 server did not start")
-    yield S3Settings.from_env({"S3_ENDPOINT": url, **KEYS})
-    proc.terminate()
-    proc.wait(timeout=10)
+from conftest import S3_KEYS as KEYS
 
 
 @pytest.fixture

@@ -8,3 +8,4 @@ under `kfp.local`'s SubprocessRunner in this environment.
 
 APR_IMAGE = "ghcr.io/apr-on-kubernetes/apr:0.1.0"
 TRAIN_IMAGE = "ghcr.io/apr-on-kubernetes/apr-train:0.1.0"
+SGLANG_IMAGE = "lmsysorg/sglang:v0.5.23"  # the GRPO Job's rollout sidecar

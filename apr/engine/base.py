@@ -21,6 +21,7 @@ class Sampling:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
+    logprobs: bool = False  # SGLang's top-level `return_logprob`: what RL training needs
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,10 @@ class Completion:
     completion_tokens: int
     weight_version: str | None = None
     meta: dict = field(default_factory=dict, compare=False)
+    # The sampled token ids (an EOS included) and, when asked for, the log-prob of each under
+    # the sampling distribution (logits / temperature), as SGLang reports them.
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[float, ...] = ()
 
 
 class EngineError(RuntimeError):

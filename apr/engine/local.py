@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from apr import tokenizer as domain_tokenizer
 from apr.engine.base import LENGTH, STOP, Completion, Sampling, cut_at_stop
 
 
@@ -121,29 +120,57 @@ class LocalEngine:
                 kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
             if self.static_cache:
                 kwargs.update(cache_implementation="static")
+            logprobs = any(s.logprobs for _, s in rows)
+            if logprobs:
+                kwargs.update(return_dict_in_generate=True, output_logits=True)
             with torch.inference_mode():
                 output = self.model.generate(**batch, **kwargs)
-        width = batch["input_ids"].shape[1]
+                sequences = output.sequences if logprobs else output
+                width = batch["input_ids"].shape[1]
+                generated = sequences[:, width:]
+                chosen = None
+                if logprobs:  # SGLang's convention: log_softmax(logits / temperature)
+                    logits = torch.stack(output.logits, dim=1).float()
+                    if sampling.temperature > 0:
+                        logits = logits / sampling.temperature
+                    chosen = logits.log_softmax(-1).gather(-1, generated[..., None])[..., 0]
+                    chosen = chosen.cpu().tolist()
         prompt_lengths = batch["attention_mask"].sum(dim=1).tolist()
-        return [self._completion(output[i, width:].tolist(), prompt_lengths[i], s)
+        return [self._completion(generated[i].tolist(), prompt_lengths[i], s,
+                                 chosen[i] if chosen is not None and s.logprobs else None)
                 for i, (_, s) in enumerate(rows)]
 
-    def _completion(self, ids: list[int], prompt_tokens: int, sampling: Sampling) -> Completion:
+    def _completion(self, ids: list[int], prompt_tokens: int, sampling: Sampling,
+                    logprobs: list[float] | None) -> Completion:
+        """Cut one row where its own decoding ended: EOS (kept as a generated token), its
+        stop string, or its token limit. Rows that finish early are filled with padding."""
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        ids = ids[:sampling.max_new_tokens]
         ended = eos in ids
         if ended:
-            ids = ids[:ids.index(eos)]
-        ids = [i for i in ids if i != pad][:sampling.max_new_tokens]
+            ids = ids[:ids.index(eos) + 1]
+        else:
+            while ids and ids[-1] == pad:
+                ids.pop()
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         text, matched = cut_at_stop(text, sampling.stop)
-        tokens = domain_tokenizer.count_tokens(text)
         if matched is not None:
             reason = STOP
-        elif ended and tokens < sampling.max_new_tokens:
-            reason, tokens = STOP, tokens + 1  # EOS counts as generated
+            ids = ids[:self._tokens_through_stop(ids, matched)]
         else:
-            reason = LENGTH
-        return Completion(text, reason, matched, prompt_tokens, tokens, self.weight_version)
+            reason = STOP if ended else LENGTH
+        return Completion(text, reason, matched, prompt_tokens, len(ids), self.weight_version,
+                          token_ids=tuple(ids),
+                          logprobs=tuple(logprobs[:len(ids)]) if logprobs is not None else ())
+
+    def _tokens_through_stop(self, ids: list[int], stop: str) -> int:
+        """How many tokens it takes to write the first `stop`: generation ends on that token."""
+        if stop not in self.tokenizer.decode(ids[:-1], skip_special_tokens=True):
+            return len(ids)  # the usual case: decoding stopped right on it
+        for n in range(1, len(ids) + 1):
+            if stop in self.tokenizer.decode(ids[:n], skip_special_tokens=True):
+                return n
+        return len(ids)
 
     # --- weights ------------------------------------------------------------------------
     def load_weights(self, model_dir: str | Path, version: str | None = None) -> None:

@@ -29,20 +29,20 @@ class OracleEngine:
         if prompt not in self.threads:
             raise EngineError(f"the oracle has no recorded thread for this prompt: {prompt[-160:]!r}")
         text, matched = cut_at_stop(self.threads[prompt], sampling.stop)
-        tokens = domain_tokenizer.count_tokens(text)
+        ids = self._encode(text)
         reason = STOP
-        if tokens > sampling.max_new_tokens:
-            text, tokens, reason, matched = self._truncate(text, sampling.max_new_tokens), \
-                sampling.max_new_tokens, LENGTH, None
+        if len(ids) > sampling.max_new_tokens:
+            ids = ids[:sampling.max_new_tokens]
+            text, reason, matched = self._tok.decode(ids, skip_special_tokens=False), LENGTH, None
         elif matched is None:
-            tokens += 1  # the model's EOS
-        return Completion(text, reason, matched, domain_tokenizer.count_tokens(prompt) + 1, tokens)
+            ids.append(self._tok.token_to_id(domain_tokenizer.EOS))  # the model's EOS
+        return Completion(text, reason, matched, domain_tokenizer.count_tokens(prompt) + 1,
+                          len(ids), token_ids=tuple(ids))
 
-    def _truncate(self, text: str, tokens: int) -> str:
+    def _encode(self, text: str) -> list[int]:
         if self._tok is None:
             self._tok = domain_tokenizer.build()
-        ids = self._tok.encode(text, add_special_tokens=False).ids[:tokens]
-        return self._tok.decode(ids, skip_special_tokens=False)
+        return self._tok.encode(text, add_special_tokens=False).ids
 
     async def ready(self) -> bool:
         return True

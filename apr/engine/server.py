@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from typing import Any
 
 from fastapi import Body, FastAPI, Request
@@ -59,6 +60,7 @@ def create_app(engine: Engine, model_path: str, served_name: str = "apr") -> Fas
             body = await request.json()
             text = body["text"]
             sampling = sampling_from_json(body.get("sampling_params"))
+            logprobs = bool(body.get("return_logprob", False))
         except (KeyError, TypeError, ValueError) as e:
             return JSONResponse({"error": f"bad /generate request: {e}"}, status_code=400)
         prompts = [text] if isinstance(text, str) else text
@@ -67,11 +69,11 @@ def create_app(engine: Engine, model_path: str, served_name: str = "apr") -> Fas
                                 status_code=400)
         await state["resumed"].wait()  # /pause_generation holds new work until continued
         started = time.perf_counter()
-        completions = await engine.generate(prompts, sampling)
+        completions = await engine.generate(prompts, replace(sampling, logprobs=logprobs))
         latency = time.perf_counter() - started
         items = []
         for c in completions:
-            item = completion_json(c)
+            item = completion_json(c, logprobs)
             item["meta_info"]["e2e_latency"] = latency
             items.append(item)
         return items[0] if isinstance(text, str) else items
@@ -130,10 +132,11 @@ def create_app(engine: Engine, model_path: str, served_name: str = "apr") -> Fas
 
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 30000, device: str = "auto",
-          max_batch: int = 64) -> None:
+          max_batch: int = 64, weight_version: str = "default") -> None:
     import uvicorn
 
     from apr.engine.local import LocalEngine
 
     engine = LocalEngine(model_dir, device=device, max_batch=max_batch)
+    engine.weight_version = weight_version
     uvicorn.run(create_app(engine, model_dir), host=host, port=port, log_level="warning")

@@ -6,7 +6,9 @@ keys are rejected), `srt/managers/schedule_batch.py` (finish reasons: `{"type": 
 "matched": str | token id}`, `{"type": "length", "length": n}`, `{"type": "abort",
 "message": ...}`), `srt/managers/tokenizer_manager.py` (`meta_info`: `prompt_tokens`,
 `completion_tokens`, `e2e_latency`, `weight_version`) and `srt/managers/io_struct.py`
-(`UpdateWeightFromDiskReqInput`: `model_path`, `weight_version`, ...). `apr.engine.server`
+(`UpdateWeightFromDiskReqInput`: `model_path`, `weight_version`, ...; `GenerateReqInput`:
+the top-level `return_logprob`, which adds `meta_info.output_token_logprobs`, a list of
+`[logprob, token_id, text-or-null]`, beside each item's `output_ids`). `apr.engine.server`
 speaks the same subset, built from the names below.
 """
 
@@ -38,7 +40,7 @@ SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "stop", "skip_special
 
 def generate_payload(prompts: Sequence[str], sampling: Sampling) -> dict[str, Any]:
     """The body of `POST /generate` for a batch: `text` is a list, one output per item."""
-    return {
+    payload = {
         "text": list(prompts),
         "sampling_params": {
             "max_new_tokens": sampling.max_new_tokens,
@@ -49,6 +51,9 @@ def generate_payload(prompts: Sequence[str], sampling: Sampling) -> dict[str, An
             "no_stop_trim": True,  # keep a matched stop string in the text
         },
     }
+    if sampling.logprobs:
+        payload["return_logprob"] = True
+    return payload
 
 
 def finish_reason_json(completion: Completion) -> dict[str, Any]:
@@ -60,15 +65,19 @@ def finish_reason_json(completion: Completion) -> dict[str, Any]:
             else completion.meta.get("eos_token_id")}
 
 
-def completion_json(completion: Completion) -> dict[str, Any]:
+def completion_json(completion: Completion, logprobs: bool = False) -> dict[str, Any]:
     """One item of a `/generate` response."""
-    return {"text": completion.text, "meta_info": {
+    meta = {
         "finish_reason": finish_reason_json(completion),
         "prompt_tokens": completion.prompt_tokens,
         "completion_tokens": completion.completion_tokens,
         "e2e_latency": completion.meta.get("e2e_latency", 0.0),
         "weight_version": completion.weight_version,
-    }}
+    }
+    if logprobs:
+        meta["output_token_logprobs"] = [[lp, token, None] for lp, token in
+                                         zip(completion.logprobs, completion.token_ids)]
+    return {"text": completion.text, "output_ids": list(completion.token_ids), "meta_info": meta}
 
 
 def parse_completion(item: dict[str, Any]) -> Completion:
@@ -78,6 +87,10 @@ def parse_completion(item: dict[str, Any]) -> Completion:
         reason = meta["finish_reason"] or {}
         kind = reason.get("type")
         matched = reason.get("matched") if kind == STOP else None
+        token_ids = tuple(int(t) for t in item.get("output_ids") or ())
+        logprobs = tuple(float(entry[0]) for entry in meta.get("output_token_logprobs") or ())
+        if logprobs and not token_ids:  # each entry names its token too
+            token_ids = tuple(int(entry[1]) for entry in meta["output_token_logprobs"])
         return Completion(
             text=item["text"],
             finish_reason={"stop": STOP, "length": LENGTH}.get(kind, ABORT),
@@ -87,6 +100,8 @@ def parse_completion(item: dict[str, Any]) -> Completion:
             weight_version=meta.get("weight_version"),
             meta={"e2e_latency": meta.get("e2e_latency"),
                   "message": reason.get("message") if kind == "abort" else None},
+            token_ids=token_ids,
+            logprobs=logprobs,
         )
     except (KeyError, TypeError, ValueError) as e:
         raise EngineError(f"malformed /generate response item: {item!r:.200}") from e
@@ -102,15 +117,18 @@ class SGLangEngine:
         self.base_url = base_url.rstrip("/")
         self._client = httpx.AsyncClient(base_url=self.base_url, timeout=timeout_s)
 
-    async def generate(self, prompts: Sequence[str], sampling: Sampling) -> list[Completion]:
+    async def _post(self, path: str, body: dict):
         import httpx
 
+        try:
+            return await self._client.post(path, json=body)
+        except httpx.HTTPError as e:
+            raise EngineError(f"{self.base_url}{path} unreachable: {e!r}") from e
+
+    async def generate(self, prompts: Sequence[str], sampling: Sampling) -> list[Completion]:
         if not prompts:
             return []
-        try:
-            response = await self._client.post(GENERATE, json=generate_payload(prompts, sampling))
-        except httpx.HTTPError as e:
-            raise EngineError(f"{self.base_url}{GENERATE} unreachable: {e}") from e
+        response = await self._post(GENERATE, generate_payload(prompts, sampling))
         if response.status_code != 200:
             raise EngineError(f"{self.base_url}{GENERATE} answered {response.status_code}: "
                               f"{response.text[:300]}")
@@ -139,20 +157,23 @@ class SGLangEngine:
         raise EngineError(f"{self.base_url} serves neither {MODEL_INFO} nor {MODEL_INFO_OLD}")
 
     async def flush_cache(self) -> None:
-        await self._client.post(FLUSH_CACHE)
+        await self._post(FLUSH_CACHE, {})
 
     async def update_weights_from_disk(self, model_path: str, weight_version: str) -> dict:
         """SGLang's recommended order: pause, update (checking `success`), continue."""
-        await self._client.post(PAUSE_GENERATION, json={})
+        await self._post(PAUSE_GENERATION, {})
         try:
-            response = await self._client.post(UPDATE_WEIGHTS_FROM_DISK, json={
+            response = await self._post(UPDATE_WEIGHTS_FROM_DISK, {
                 "model_path": model_path, "weight_version": weight_version})
-            body = response.json()
+            try:
+                body = response.json()
+            except ValueError:
+                body = {"success": False, "message": response.text[:300]}
             if response.status_code != 200 or not body.get("success"):
                 raise EngineError(f"weight update to {model_path} rejected: {body}")
             return body
         finally:
-            await self._client.post(CONTINUE_GENERATION, json={})
+            await self._post(CONTINUE_GENERATION, {})
 
     async def close(self) -> None:
         await self._client.aclose()

@@ -1,0 +1,136 @@
+"""The rollout sidecar outside a cluster: a generation server this process starts and stops.
+
+GRPO decodes its rollouts over HTTP in a separate server process, as it does in the cluster
+(where SGLang is a native sidecar of the Job's pod). Here the trainer starts that process
+itself: SGLang when it is installed and a GPU is present, else `apr engine serve` (the same
+HTTP subset over the local engine). The server is stopped when the trainer exits, also on an
+error or SIGTERM, and dies with its parent even on SIGKILL (Linux's parent-death signal).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from apr.engine.sglang import HEALTH
+
+KINDS = ("auto", "sglang", "apr")
+
+
+class SidecarError(RuntimeError):
+    """The rollout server did not come up, or died: says why and where its log is."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_kind(kind: str) -> str:
+    if kind != "auto":
+        return kind
+    import torch
+
+    has_sglang = importlib.util.find_spec("sglang") is not None
+    return "sglang" if has_sglang and torch.cuda.is_available() else "apr"
+
+
+def server_command(kind: str, model_dir: str | Path, port: int, device: str = "auto",
+                   extra: tuple[str, ...] = ()) -> list[str]:
+    """The command line of the server; both start on weight version "0", the model given."""
+    if kind == "sglang":
+        return [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir),
+                "--host", "127.0.0.1", "--port", str(port), "--allow-auto-truncate",
+                "--weight-version", "0", *extra]
+    return [sys.executable, "-m", "apr.cli", "engine", "serve", "--model", str(model_dir),
+            "--host", "127.0.0.1", "--port", str(port), "--device", device,
+            "--weight-version", "0", *extra]
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class Sidecar:
+    """`with Sidecar(model_dir, log_path) as sidecar:` ... `sidecar.url` ... (stopped after)."""
+
+    def __init__(self, model_dir: str | Path, log_path: str | Path, kind: str = "auto",
+                 port: int = 0, device: str = "auto", startup_timeout_s: float = 600.0,
+                 extra_args: tuple[str, ...] = ()):
+        if kind not in KINDS:
+            raise ValueError(f"sidecar kind {kind!r}: choose one of {KINDS}")
+        self.kind = resolve_kind(kind)
+        self.port = port or free_port()
+        self.command = server_command(self.kind, model_dir, self.port, device, extra_args)
+        self.log_path = Path(log_path)
+        self.startup_timeout_s = startup_timeout_s
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Sidecar:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True,
+                                            preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            self.check_alive()
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + HEALTH, timeout=2.0).status_code == 200:
+                    return self
+            time.sleep(0.25)
+        self.stop()
+        raise SidecarError(f"the {self.kind} rollout server did not answer {HEALTH} within "
+                           f"{self.startup_timeout_s:.0f} s (raise sidecar_startup_s if the "
+                           f"model is large){self._log_tail()}")
+
+    def check_alive(self) -> None:
+        """Raise when the server process has exited."""
+        if self.process is not None and self.process.poll() is not None:
+            code = self.process.returncode
+            raise SidecarError(f"the {self.kind} rollout server exited with code {code}"
+                               f"{self._log_tail()}")
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def _log_tail(self, lines: int = 20) -> str:
+        try:
+            tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return f" (no log at {self.log_path})"
+        return f"; its log ({self.log_path}) ends:\n" + "\n".join(tail)
+
+    def __enter__(self) -> Sidecar:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

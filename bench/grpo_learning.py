@@ -1,0 +1,91 @@
+"""Does GRPO learn? Validation accuracy of an SFT'd model before and during GRPO, and where a
+step's time goes (rollouts, training, weight sync).
+
+CPU default: the tiny model on an easy Countdown (3 numbers in 1..15, targets 10..40: small
+enough arithmetic for a 0.8M-parameter model to learn in minutes on a CPU; on the paper's
+1..99 range it learns the trace format but not the sums, and every reward is 0). Each phase is skipped when its output exists, so reruns only redo GRPO:
+
+    python bench/grpo_learning.py --workdir runs/grpo-bench
+    python bench/grpo_learning.py --workdir runs/grpo-bench-gpu --numbers 4 --num-max 99 \
+        --target-max 100 --sft-preset small --sft-steps 3000   (an H100; not measured yet)
+
+Rollouts go through `apr engine serve` started by the run (SGLang where installed on a GPU).
+Prints the validation curve and the mean step-time breakdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+from apr import datagen, grpo, sft
+from apr.config import load
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", default="runs/grpo-bench")
+    parser.add_argument("--numbers", type=int, default=3, help="starting numbers per problem")
+    parser.add_argument("--num-max", type=int, default=15, help="largest starting number")
+    parser.add_argument("--target-max", type=int, default=40)
+    parser.add_argument("--train-problems", type=int, default=3000)
+    parser.add_argument("--val-problems", type=int, default=200)
+    parser.add_argument("--sft-preset", default="tiny")
+    parser.add_argument("--sft-steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=30, help="GRPO steps")
+    parser.add_argument("--grpo-set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--fresh-grpo", action="store_true", help="discard an earlier GRPO run")
+    args = parser.parse_args()
+    work = Path(args.workdir)
+    data, sft_out, grpo_out = work / "data", work / "sft", work / "grpo"
+
+    started = time.perf_counter()
+    if not (data / "stats.json").is_file():
+        config = load(datagen.DatagenConfig, "local", datagen.SECTION, [
+            f"problems.n_numbers={args.numbers}", f"problems.num_max={args.num_max}",
+            f"problems.target_max={args.target_max}", f"problems.train_size={args.train_problems}",
+            f"problems.val_size={args.val_problems}", "problems.test_size=10"])
+        datagen.run(config, data, progress=False)
+    datagen_s = time.perf_counter() - started
+    if not (sft_out / "model" / "config.json").is_file():
+        config = load(sft.SFTConfig, "local", sft.SECTION, [
+            f"preset={args.sft_preset}", f"max_steps={args.sft_steps}", "context=2048",
+            "tokens_per_batch=12288", "warmup_steps=20", "eval_every=200",
+            "checkpoint_every=100"])
+        sft.run(config, data, sft_out, resume=True, progress=False)
+    sft_s = time.perf_counter() - started - datagen_s
+    if args.fresh_grpo:
+        shutil.rmtree(grpo_out, ignore_errors=True)
+    config = load(grpo.GRPOConfig, "local", grpo.SECTION, [
+        f"steps={args.steps}", "prompts_per_step=16", "group_size=4", "lr=2e-4",
+        "context=1024", "children_per_spawn=0", "tokens_per_batch=16384", "val_every=5",
+        f"val_problems={args.val_problems}", "checkpoint_every=5", *args.grpo_set])
+    result = grpo.run(config, sft_out / "model", data, grpo_out, resume=True, progress=False)
+    grpo_s = time.perf_counter() - started - datagen_s - sft_s
+
+    records = [json.loads(line) for line in (grpo_out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "reward" in r]
+    print(f"\ndatagen {datagen_s:.0f} s, SFT {sft_s:.0f} s, GRPO {grpo_s:.0f} s "
+          f"({args.numbers}-number Countdown, {args.sft_preset} model, {args.steps} GRPO steps)")
+    print("\n| step | val accuracy | val children | train reward (last 5 steps) |")
+    print("|---:|---:|---:|---:|")
+    for r in (r for r in records if "val_accuracy" in r):
+        window = [s["reward"] for s in steps if r["step"] - 5 < s["step"] <= r["step"]]
+        reward = f"{statistics.mean(window):.3f}" if window else "-"
+        print(f"| {r['step']} | {r['val_accuracy']:.3f} | {r['val_children']:.2f} | {reward} |")
+    if steps:
+        print("\n| mean per step | rollout s | train s | weight sync s | generated tokens |")
+        print("|---|---:|---:|---:|---:|")
+        print(f"| {len(steps)} steps | {statistics.mean(s['rollout_s'] for s in steps):.2f} | "
+              f"{statistics.mean(s['train_s'] for s in steps):.2f} | "
+              f"{statistics.mean(s['sync_s'] for s in steps):.3f} | "
+              f"{statistics.mean(s['generated_tokens'] for s in steps):.0f} |")
+    print(f"\nvalidation accuracy {result.initial_val_accuracy} -> {result.val_accuracy}")
+
+
+if __name__ == "__main__":
+    main()

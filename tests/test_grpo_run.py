@@ -1,0 +1,181 @@
+"""The GRPO run end to end over HTTP: it trains on rollouts with rewards that vary, syncs
+weights every step, resumes exactly, and stops with a checkpoint on stale weights, a rejected
+update or a server that goes away.
+
+The rollout server here answers from the solver's recorded traces (half of the rollouts of
+each problem are cut short, so every group has a reward to learn from) and records the weight
+versions it is sent: the trainer's side is the real one, the model's answers are scripted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from apr import model as model_lib
+from apr import storage
+from apr.config import from_dict
+from apr.data import read_records
+from apr.engine.base import LENGTH
+from apr.engine.oracle import OracleEngine
+from apr.engine.server import create_app
+from apr.grpo import GRPOConfig, GRPOError, run
+from conftest import S3_KEYS, ServedApp, make_dataset
+
+
+class ScriptedEngine:
+    """The oracle's answers, every second answer to a problem's first prompt cut in half."""
+
+    def __init__(self, records: list[dict], on_update: str = "apply"):
+        self.oracle = OracleEngine(records)
+        self.roots = {r["threads"][0]["prompt"] for r in records}
+        self.asked: Counter = Counter()
+        self.weight_version = "default"
+        self.on_update = on_update
+        self.versions: list[str] = []
+        self.served: ServedApp | None = None
+
+    async def generate(self, prompts, sampling):
+        out = []
+        for prompt, c in zip(prompts, await self.oracle.generate(prompts, sampling)):
+            if prompt in self.roots:
+                self.asked[prompt] += 1
+                if self.asked[prompt] % 2 == 0:
+                    half = c.token_ids[:len(c.token_ids) // 2]
+                    text = self.oracle._tok.decode(list(half), skip_special_tokens=False)
+                    c = replace(c, text=text, finish_reason=LENGTH, matched=None,
+                                completion_tokens=len(half), token_ids=half)
+            out.append(replace(c, weight_version=self.weight_version))
+        return out
+
+    def load_weights(self, path, version):
+        if self.on_update == "reject" and version != "0":
+            raise RuntimeError(f"cannot load {path}: shapes do not match")
+        if self.on_update == "die" and version == "1":
+            self.served.server.should_exit = True
+        if self.on_update != "ignore" or version == "0":
+            self.weight_version = version
+        self.versions.append(version)
+
+    async def ready(self):
+        return True
+
+    async def close(self):
+        return None
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grpo")
+    generated = make_dataset(root / "generated", train=12, val=3, seed=8, n_numbers=3)
+    data = root / "data" / "problems"  # the problems the solver solved: the oracle knows them
+    data.mkdir(parents=True)
+    records = []
+    for split in ("train", "val"):
+        solved = [r for r in read_records(generated, "apr", split) if r["solved"]]
+        records += solved
+        (data / f"{split}.jsonl").write_text("".join(
+            json.dumps({"nums": r["nums"], "target": r["target"]}) + "\n" for r in solved))
+    model = model_lib.save(model_lib.build("tiny", seed=1), root / "sft-model")
+    return data.parent, model, records
+
+
+CONFIG = {"group_size": 2, "prompts_per_step": 2, "steps": 3, "lr": 1e-3, "kl_beta": 0.01,
+          "context": 4096, "tokens_per_batch": 16384, "val_every": 2, "val_problems": 2,
+          "checkpoint_every": 1, "engine_timeout_s": 30, "sidecar_startup_s": 5}
+
+
+def grpo(setup, out, steps=3, on_update="apply", resume=False, engine=None):
+    data, model, records = setup
+    engine = engine or ScriptedEngine(records, on_update)
+    with ServedApp(create_app(engine, str(model))) as served:
+        engine.served = served
+        config = from_dict(GRPOConfig, {**CONFIG, "steps": steps})
+        result = run(config, model, data, out, engine_url=served.url, resume=resume,
+                     progress=False)
+    return result, engine
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_run_trains_syncs_every_step_and_resumes_exactly(setup, tmp_path):
+    straight, engine = grpo(setup, tmp_path / "straight")
+    assert engine.versions == ["0", "1", "2", "3"]
+    records = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
+    steps = [r for r in records if "reward" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for r in steps:
+        assert r["reward"] == 0.5 and r["groups_with_signal"] == 1.0
+        assert r["rows"] > 4 and r["trained_tokens"] > 0 and r["children_per_rollout"] > 0
+        assert {"policy_loss", "kl", "clipped_fraction", "grad_norm", "rollout_s", "train_s",
+                "sync_s"} <= set(r)
+        assert r["kl"] > 0 and 0 <= r["clipped_fraction"] <= 1
+    assert steps[0]["kl"] < steps[-1]["kl"]  # the policy moves away from the reference
+    assert [r["step"] for r in records if "val_accuracy" in r] == [0, 2, 3]
+    rollouts = read_jsonl(tmp_path / "straight" / "rollouts.jsonl")
+    assert [r["weight_version"] for r in rollouts] == ["0"] * 4 + ["1"] * 4 + ["2"] * 4
+    assert straight.steps == 3 and (straight.model_dir / "model.safetensors").is_file()
+    weights = load_file(straight.model_dir / "model.safetensors")
+    initial = load_file(setup[1] / "model.safetensors")
+    assert any(not torch.equal(weights[k], initial[k]) for k in weights)
+
+    grpo(setup, tmp_path / "resumed", steps=2)
+    _, engine = grpo(setup, tmp_path / "resumed", steps=3, resume=True)
+    assert engine.versions == ["2", "3"]  # the server gets the checkpoint's weights first
+    resumed = load_file(tmp_path / "resumed" / "model" / "model.safetensors")
+    assert all(torch.equal(weights[k], resumed[k]) for k in weights)
+    assert [r["step"] for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
+            if "reward" in r] == [1, 2, 3]
+
+
+def test_weights_the_server_did_not_apply_stop_the_run(setup, tmp_path):
+    with pytest.raises(GRPOError, match=r"at step 1[\s\S]*did not apply the last weight update"):
+        grpo(setup, tmp_path / "run", on_update="ignore")
+    assert (tmp_path / "run" / "checkpoints" / "step-0000001" / "trainer.json").is_file()
+
+
+def test_a_rejected_update_ends_with_a_checkpoint_to_resume(setup, tmp_path):
+    with pytest.raises(GRPOError, match=r"rejected[\s\S]*shapes do not match[\s\S]*--resume"):
+        grpo(setup, tmp_path / "run", on_update="reject")
+    assert (tmp_path / "run" / "checkpoints" / "step-0000001").is_dir()
+
+
+def test_a_server_that_goes_away_mid_run_is_resumed_on_a_new_one(setup, tmp_path):
+    with pytest.raises(GRPOError, match=r"unreachable[\s\S]*--resume") as stopped:
+        grpo(setup, tmp_path / "run", on_update="die")  # it shuts down after loading step 1
+    step = int(re.search(r"stopped at step (\d)", str(stopped.value)).group(1))
+    assert step in (1, 2)  # the last requests may still be answered while it shuts down
+    result, engine = grpo(setup, tmp_path / "run", resume=True)
+    assert result.steps == 3 and engine.versions == [str(v) for v in range(step, 4)]
+
+
+def test_a_run_that_publishes_to_s3_resumes_on_another_machine(setup, s3, tmp_path, monkeypatch):
+    monkeypatch.setenv("S3_ENDPOINT", f"http://{s3.endpoint}")
+    for key, value in S3_KEYS.items():
+        monkeypatch.setenv(key, value)
+    data, model, records = setup
+    out = "s3://grpo-runs/run-1"
+
+    def attempt(steps, workdir, resume):
+        engine = ScriptedEngine(records)
+        with ServedApp(create_app(engine, str(model))) as served:
+            config = from_dict(GRPOConfig, {**CONFIG, "steps": steps})
+            return run(config, model, data, out, engine_url=served.url, resume=resume,
+                       progress=False, workdir=workdir), engine
+
+    attempt(2, tmp_path / "machine-a", resume=False)
+    assert storage.is_complete(f"{out}/checkpoint-a") and storage.is_complete(f"{out}/checkpoint-b")
+    result, engine = attempt(3, tmp_path / "machine-b", resume=True)  # nothing local there
+    assert engine.versions == ["2", "3"] and result.steps == 3
+    pulled = storage.download(f"{out}/model", tmp_path / "model")
+    assert (pulled / "model.safetensors").is_file()
+    logs = storage.download(f"{out}/logs", tmp_path / "logs")
+    assert [r["step"] for r in read_jsonl(logs / "metrics.jsonl") if "reward" in r] == [1, 2, 3]

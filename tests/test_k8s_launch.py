@@ -1,0 +1,463 @@
+"""The Job launcher against a fake Kubernetes API server on loopback, driven by the real client.
+
+The fake serves only what the launcher calls (Jobs, the pod list, pod logs) and plays one Job
+whose course each test scripts: the pod appears, the trainer starts after a few status reads,
+and it exits once its log has been streamed to the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import signal
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import kubernetes
+import kubernetes_validate
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from apr import launch
+from apr.k8s import GRPOJobSpec, grpo_job, rbac_manifests
+from apr.launch import JobFailed, LaunchError, launch_job
+
+NAME, NS = "grpo-run-1", "kubeflow"
+LINES = ("step 1 loss 0.91", "step 2 loss 0.74", '{"step": 3, "loss": 0.52}', "saved checkpoint")
+
+
+@dataclass
+class Script:
+    """How the fake cluster's Job goes; each test changes a few fields."""
+
+    lines: tuple[str, ...] = LINES  # the trainer's log
+    exit_code: int = 0
+    pod_after: int = 1  # Job reads before its pod exists
+    start_after: int = 2  # Job reads before the trainer runs
+    drop_after: int | None = None  # the first log stream closes after this many lines
+    hang: bool = False  # the trainer never exits; its log stream stays open
+    waiting: dict[str, tuple[str, str]] = field(default_factory=dict)  # container: reason, message
+    crashed: dict[str, tuple[int, tuple[str, ...]]] = field(default_factory=dict)  # exit code, log
+    unschedulable: str | None = None  # the scheduler's message
+    existing: bool = False  # a Job of this name is there already, with a finished pod
+    delete_reads: int = 2  # reads a deleted Job still answers before it is gone
+
+
+def _status_error(code: int, reason: str, message: str) -> JSONResponse:
+    return JSONResponse({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                         "message": message, "reason": reason, "code": code}, status_code=code)
+
+
+def _container(name: str, state: dict, *, ready: bool = False, restarts: int = 0,
+               last: dict | None = None) -> dict:
+    status = {"name": name, "image": f"example/{name}:1", "imageID": "", "ready": ready,
+              "restartCount": restarts, "state": state}
+    return {**status, "lastState": last} if last else status
+
+
+class FakeCluster:
+    """The API server's state for one Job name, advanced by the launcher's own reads."""
+
+    def __init__(self, script: Script):
+        self.script = script
+        self.job: dict | None = None
+        self.deleting = 0  # reads left before a deleted Job disappears
+        self.reads = 0
+        self.trainer = "waiting"  # then "running", then "terminated"
+        self.follows = 0
+        self.calls: list[tuple[str, str, str]] = []  # (verb, resource, detail), as RBAC sees them
+        self.old_pod: dict | None = None
+        if script.existing:
+            self.job = self._new_job({"metadata": {"name": NAME, "namespace": NS}}, "old-run")
+            self.old_pod = self._pod("old-run", trainer=_container(
+                "trainer", {"terminated": {"exitCode": 1, "reason": "Error"}}), phase="Failed")
+
+    def _new_job(self, body: dict, uid: str) -> dict:
+        job = copy.deepcopy(body)
+        job["metadata"].update(uid=uid, creationTimestamp="2026-01-01T00:00:00Z")
+        return job
+
+    def _pod(self, uid: str, trainer: dict, phase: str, init: list | None = None,
+             conditions: list | None = None) -> dict:
+        return {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": f"{NAME}-{uid[:5]}", "namespace": NS,
+                         "labels": {"job-name": NAME}, "creationTimestamp": "2026-01-01T00:00:01Z",
+                         "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": NAME,
+                                              "uid": uid, "controller": True}]},
+            "status": {"phase": phase, "conditions": conditions or [],
+                       "initContainerStatuses": init or [], "containerStatuses": [trainer]},
+        }
+
+    def read_job(self) -> dict | None:
+        """The Job with its status; each read of a live Job is one tick of its course."""
+        if self.job is None:
+            return None
+        if self.deleting:
+            self.deleting -= 1
+            if not self.deleting:
+                self.job = None
+            return self.job
+        self.reads += 1
+        s = self.script
+        blocked = s.waiting or s.crashed or s.unschedulable
+        if self.trainer == "waiting" and self.reads > s.start_after and not blocked:
+            self.trainer = "running"
+        if self.trainer != "terminated":
+            status = {"active": 1}
+        elif s.exit_code == 0:
+            status = {"succeeded": 1, "conditions": [
+                {"type": "Complete", "status": "True", "reason": "Completed"}]}
+        else:
+            status = {"failed": 1, "conditions": [
+                {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                 "message": "Job has reached the specified backoff limit"}]}
+        return {**self.job, "status": status}
+
+    def pods(self) -> list[dict]:
+        pods = [self.old_pod] if self.old_pod else []
+        if self.job is None or self.deleting or self.reads < self.script.pod_after:
+            return pods
+        s, uid = self.script, self.job["metadata"]["uid"]
+        if s.unschedulable:
+            return pods + [self._pod(uid, _container("trainer", {"waiting": {"reason": "Pending"}}),
+                                     "Pending", conditions=[
+                {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                 "message": s.unschedulable}])]
+        init = [_container("pull-model", {"terminated": {"exitCode": 0, "reason": "Completed"}}),
+                _container("sglang", {"running": {}}, ready=True)]
+        for i, c in enumerate(init):
+            if c["name"] in s.waiting:
+                reason, message = s.waiting[c["name"]]
+                init[i] = _container(c["name"], {"waiting": {"reason": reason, "message": message}})
+            if c["name"] in s.crashed:
+                init[i] = _container(
+                    c["name"], {"waiting": {"reason": "CrashLoopBackOff",
+                                            "message": "back-off 20s restarting failed container"}},
+                    restarts=2, last={"terminated": {"exitCode": s.crashed[c["name"]][0],
+                                                     "reason": "Error"}})
+        if "trainer" in s.waiting:
+            reason, message = s.waiting["trainer"]
+            trainer, phase = {"waiting": {"reason": reason, "message": message}}, "Pending"
+        elif self.trainer == "waiting":
+            trainer, phase = {"waiting": {"reason": "PodInitializing"}}, "Pending"
+        elif self.trainer == "running":
+            trainer, phase = {"running": {"startedAt": "2026-01-01T00:00:05Z"}}, "Running"
+        else:
+            code = s.exit_code
+            trainer = {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error"}}
+            phase = "Succeeded" if code == 0 else "Failed"
+        return pods + [self._pod(uid, _container("trainer", trainer), phase, init)]
+
+    def log_lines(self, pod: str, container: str, previous: bool) -> tuple[str, ...] | None:
+        """A container's log, None where the API would refuse (never started)."""
+        if self.old_pod and pod == self.old_pod["metadata"]["name"]:
+            return ("the old run's log",)
+        if container == "trainer":
+            return None if self.trainer == "waiting" else self.script.lines
+        if container in self.script.crashed:
+            return self.script.crashed[container][1] if previous else None
+        return None if container in self.script.waiting else ()
+
+
+def fake_api(current: dict[str, FakeCluster]) -> FastAPI:
+    """The REST endpoints the launcher calls, answered by `current["cluster"]` (one per test)."""
+    app = FastAPI()
+    jobs = "/apis/batch/v1/namespaces/{ns}/jobs"
+
+    @app.post(jobs)
+    async def create_job(ns: str, request: Request):
+        cluster = current["cluster"]
+        body = await request.json()
+        cluster.calls.append(("create", "jobs", body["metadata"]["name"]))
+        if cluster.job is not None:
+            return _status_error(409, "AlreadyExists", f'jobs.batch "{NAME}" already exists')
+        cluster.job = cluster._new_job(body, str(uuid.uuid4()))
+        cluster.reads, cluster.trainer = 0, "waiting"
+        return JSONResponse({**cluster.job, "status": {}}, status_code=201)
+
+    @app.get(jobs + "/{name}")
+    async def read_job(ns: str, name: str):
+        cluster = current["cluster"]
+        cluster.calls.append(("get", "jobs", name))
+        job = cluster.read_job()
+        if job is None:
+            return _status_error(404, "NotFound", f'jobs.batch "{name}" not found')
+        return job
+
+    @app.delete(jobs + "/{name}")
+    async def delete_job(ns: str, name: str, propagationPolicy: str = ""):
+        cluster = current["cluster"]
+        cluster.calls.append(("delete", "jobs", f"{name} {propagationPolicy}"))
+        if cluster.job is None:
+            return _status_error(404, "NotFound", f'jobs.batch "{name}" not found')
+        cluster.deleting = cluster.script.delete_reads
+        if not cluster.deleting:
+            cluster.job = None
+        return {"kind": "Status", "apiVersion": "v1", "status": "Success"}
+
+    @app.get("/api/v1/namespaces/{ns}/pods")
+    async def list_pods(ns: str, labelSelector: str = ""):
+        cluster = current["cluster"]
+        cluster.calls.append(("list", "pods", labelSelector))
+        assert labelSelector == f"job-name={NAME}"
+        return {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": cluster.pods()}
+
+    @app.get("/api/v1/namespaces/{ns}/pods/{pod}/log")
+    async def pod_log(ns: str, pod: str, request: Request, container: str, follow: bool = False,
+                      previous: bool = False, tailLines: int | None = None):
+        cluster = current["cluster"]
+        cluster.calls.append(("get", "pods/log", f"{pod} {container}"))
+        lines = cluster.log_lines(pod, container, previous)
+        if lines is None:
+            return _status_error(400, "BadRequest",
+                                 f'container "{container}" in pod "{pod}" is waiting to start')
+        if not follow:
+            return PlainTextResponse("".join(f"{x}\n" for x in lines[-(tailLines or 0):]))
+        cluster.follows += 1
+        first = cluster.follows == 1
+        sent = lines[:cluster.script.drop_after] if first and cluster.script.drop_after else lines
+
+        async def stream():
+            for line in sent:
+                yield f"{line}\n".encode()
+                await asyncio.sleep(0.002)
+            if cluster.script.hang:
+                for _ in range(100):  # open until the client hangs up (or 5 s)
+                    if await request.is_disconnected():
+                        return
+                    await asyncio.sleep(0.05)
+            elif len(sent) == len(lines) and cluster.trainer == "running":
+                cluster.trainer = "terminated"  # the stream ends because the trainer exited
+
+        return StreamingResponse(stream(), media_type="text/plain")
+
+    return app
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def api_server():
+    """A fake API server on loopback and a real client for it: (the holder of its state, client)."""
+    current: dict[str, FakeCluster] = {}
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(fake_api(current), host="127.0.0.1", port=port,
+                                           log_level="error", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while not server.started:
+        assert time.monotonic() < deadline, "the fake API server did not start"
+        time.sleep(0.01)
+    client = kubernetes.client.ApiClient(kubernetes.client.Configuration(host=f"http://127.0.0.1:{port}"))
+    yield current, client
+    client.close()
+    server.should_exit = True
+    thread.join(5)
+
+
+@pytest.fixture
+def cluster(request, api_server):
+    """The fake cluster playing `Script(**param)`, and the client: (FakeCluster, ApiClient)."""
+    current, client = api_server
+    current["cluster"] = FakeCluster(Script(**getattr(request, "param", {})))
+    return current["cluster"], client
+
+
+def _manifest() -> dict:
+    return grpo_job(GRPOJobSpec(name=NAME, namespace=NS, model_uri="s3://apr-models/models/apr/v1"))
+
+
+def _launch(client, logged: list[str], **kwargs) -> dict:
+    return launch_job(_manifest(), poll_s=0.02, log=logged.append, api_client=client, **kwargs)
+
+
+def _trainer_lines(logged: list[str]) -> list[str]:
+    return [x for x in logged if not x.startswith("launcher: ")]
+
+
+def _deleted(fake: FakeCluster) -> list[str]:
+    return [detail for verb, resource, detail in fake.calls if verb == "delete"]
+
+
+def test_a_completed_job_streams_the_trainer_log_in_order_and_is_deleted(cluster):
+    fake, client = cluster
+    logged: list[str] = []
+    summary = _launch(client, logged)
+    assert summary["succeeded"] is True and summary["seconds"] < 5
+    assert (summary["name"], summary["namespace"]) == (NAME, NS)
+    assert _trainer_lines(logged) == list(LINES)  # once each, in order, JSON lines as text
+    assert fake.follows == 1  # one stream, to the end: no re-reading of the log
+    assert _deleted(fake) == [f"{NAME} Background"] and fake.calls[-1][0] == "delete"
+
+
+def test_the_launcher_needs_only_what_its_role_grants(cluster):
+    fake, client = cluster
+    _launch(client, [])
+    role, _ = rbac_manifests(NS)
+    granted = {(r, v) for rule in role["rules"] for r in rule["resources"] for v in rule["verbs"]}
+    assert {(resource, verb) for verb, resource, _ in fake.calls} <= granted
+
+
+@pytest.mark.parametrize("cluster", [{"exit_code": 1}], indirect=True)
+def test_a_failed_job_raises_with_the_reason_and_the_log_tail_and_is_deleted(cluster):
+    fake, client = cluster
+    logged: list[str] = []
+    with pytest.raises(JobFailed) as failed:
+        _launch(client, logged)
+    message = str(failed.value)
+    assert f"{NS}/{NAME} failed: BackoffLimitExceeded" in message
+    assert "container trainer exited with code 1 (Error)" in message
+    assert message.endswith("\n".join(LINES)) and "lines of trainer" in message
+    assert _trainer_lines(logged) == list(LINES)
+    assert _deleted(fake) == [f"{NAME} Background"]
+
+
+@pytest.mark.parametrize("cluster", [{"existing": True, "pod_after": 2}], indirect=True)
+def test_a_job_left_by_an_earlier_try_is_replaced(cluster):
+    fake, client = cluster
+    logged: list[str] = []
+    assert _launch(client, logged)["succeeded"]
+    creates = [c for c in fake.calls if c[0] == "create"]
+    assert len(creates) == 2  # refused (409), then created once the old Job had gone
+    assert _deleted(fake) == [f"{NAME} Background", f"{NAME} Background"]
+    first_delete = fake.calls.index(("delete", "jobs", f"{NAME} Background"))
+    assert fake.calls[first_delete + 1:].index(creates[1]) == fake.script.delete_reads
+    # The old Job's finished pod was still listed: only the new Job's pod was followed.
+    assert "the old run's log" not in logged and _trainer_lines(logged) == list(LINES)
+
+
+@pytest.mark.parametrize("cluster", [{"hang": True}], indirect=True)
+def test_a_timeout_raises_and_deletes_the_job_even_while_following_the_log(cluster):
+    fake, client = cluster
+    logged: list[str] = []
+    start = time.monotonic()
+    with pytest.raises(LaunchError, match=r"did not finish within 0\.5 s") as raised:
+        _launch(client, logged, timeout_s=0.5)
+    assert not isinstance(raised.value, JobFailed)
+    assert time.monotonic() - start < 2.5
+    assert _trainer_lines(logged) == list(LINES)  # the lines before the hang were shown
+    assert _deleted(fake) == [f"{NAME} Background"]
+
+
+@pytest.mark.parametrize("cluster", [
+    {"crashed": {"sglang": (1, ("loading /shared/initial",
+                                "torch.OutOfMemoryError: CUDA out of memory"))}},
+    {"waiting": {"sglang": ("ImagePullBackOff", 'Back-off pulling image "lmsysorg/sglang:nope"')}},
+    {"waiting": {"trainer": ("ErrImagePull", "manifest unknown")}},
+], indirect=True, ids=["sidecar-crash", "sidecar-image", "trainer-image"])
+def test_a_pod_that_cannot_start_is_reported_by_container(cluster):
+    fake, client = cluster
+    with pytest.raises(JobFailed) as failed:
+        _launch(client, [], timeout_s=5)
+    message = str(failed.value)
+    assert message.startswith(f"Job {NS}/{NAME} cannot start: container ")
+    if fake.script.crashed:
+        assert "container sglang is in CrashLoopBackOff" in message
+        assert "container sglang exited with code 1 (Error)" in message
+        assert message.endswith("--- last 2 lines of sglang ---\nloading /shared/initial\n"
+                                "torch.OutOfMemoryError: CUDA out of memory")
+    else:
+        [(container, (reason, why))] = fake.script.waiting.items()
+        assert f"container {container} is in {reason}: {why}" in message
+    assert _deleted(fake) == [f"{NAME} Background"]
+
+
+@pytest.mark.parametrize("cluster", [
+    {"unschedulable": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}], indirect=True)
+def test_a_pod_unschedulable_past_the_grace_period_fails(cluster):
+    fake, client = cluster
+    start = time.monotonic()
+    with pytest.raises(JobFailed, match=r"cannot be scheduled \(Unschedulable for 0 s\): "
+                                        r"0/3 nodes are available: 3 Insufficient nvidia\.com/gpu"):
+        _launch(client, [], pending_grace_s=0.2)
+    assert 0.2 <= time.monotonic() - start < 2
+    assert _deleted(fake) == [f"{NAME} Background"]
+
+
+@pytest.mark.parametrize("cluster", [{"drop_after": 2}], indirect=True)
+def test_a_log_stream_that_ends_early_is_followed_again_without_repeats(cluster):
+    fake, client = cluster
+    logged: list[str] = []
+    assert _launch(client, logged)["succeeded"]
+    assert fake.follows == 2
+    assert _trainer_lines(logged) == list(LINES)
+    assert "launcher: the trainer's log stream ended early; following it again" in logged
+
+
+def test_keep_leaves_the_job(cluster):
+    fake, client = cluster
+    assert _launch(client, [], keep=True)["succeeded"]
+    assert _deleted(fake) == []
+
+
+@pytest.mark.parametrize("interrupt", ["keyboard", "sigterm"])
+def test_an_interrupted_launch_still_deletes_the_job(cluster, interrupt):
+    fake, client = cluster
+
+    def log(line: str) -> None:
+        if line == LINES[0]:
+            if interrupt == "keyboard":
+                raise KeyboardInterrupt
+            signal.raise_signal(signal.SIGTERM)
+
+    def guard(signum, frame):  # only reached if the launcher did not handle SIGTERM itself
+        raise AssertionError("SIGTERM reached the test's own handler")
+
+    previous = signal.signal(signal.SIGTERM, guard)
+    try:
+        with pytest.raises(KeyboardInterrupt if interrupt == "keyboard" else SystemExit):
+            launch_job(_manifest(), poll_s=0.02, log=log, api_client=client)
+        assert signal.getsignal(signal.SIGTERM) is guard  # the launcher put the handler back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert _deleted(fake) == [f"{NAME} Background"]
+
+
+def test_rbac_lets_the_pipeline_runner_launch_jobs():
+    role, binding = rbac_manifests("kubeflow")
+    for obj in (role, binding):
+        kubernetes_validate.validate(obj, "1.29.0", strict=True)
+    rules = {(group, resource): set(rule["verbs"]) for rule in role["rules"]
+             for group in rule["apiGroups"] for resource in rule["resources"]}
+    assert rules == {("batch", "jobs"): {"create", "get", "list", "watch", "delete"},
+                     ("", "pods"): {"get", "list", "watch"}, ("", "pods/log"): {"get"}}
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "kubeflow"}]
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == "kubeflow"
+
+
+def test_kube_config_prefers_the_cluster_and_says_what_to_fix_without_one(monkeypatch):
+    from kubernetes import config
+
+    calls = []
+    monkeypatch.setattr(config, "load_incluster_config", lambda: calls.append("in-cluster"))
+    monkeypatch.setattr(config, "load_kube_config", lambda: calls.append("kubeconfig"))
+    launch.load_kube_config()
+    assert calls == ["in-cluster"]
+
+    def no_cluster():
+        raise config.ConfigException("Service host/port is not set.")
+
+    monkeypatch.setattr(config, "load_incluster_config", no_cluster)
+    launch.load_kube_config()
+    assert calls == ["in-cluster", "kubeconfig"]
+
+    def no_file():
+        raise config.ConfigException("Invalid kube-config file. No configuration found.")
+
+    monkeypatch.setattr(config, "load_kube_config", no_file)
+    with pytest.raises(LaunchError, match="not inside a cluster .*Service host/port.*KUBECONFIG"):
+        launch.load_kube_config()
