@@ -209,3 +209,23 @@ def test_unreachable_server_is_an_engine_error():
 
     with pytest.raises(EngineError, match="unreachable"):
         asyncio.run(call())
+
+
+def test_logprobs_of_a_padded_batch_are_each_rows_own(engine):
+    """Sampled tokens' log-probs (softmax of logits / temperature, as SGLang reports them)
+    match a forward pass over each row alone: left padding changes nothing."""
+    import torch
+
+    from apr import tokenizer as domain_tokenizer
+    from apr.grpo import token_logprobs
+
+    prompts = [PROMPT, "Current State: 50:[5, 10], Operations: []\n"]
+    outs = asyncio.run(engine.generate(prompts, Sampling(12, 0.7, logprobs=True)))
+    tok = domain_tokenizer.build()
+    for prompt, out in zip(prompts, outs):
+        assert len(out.logprobs) == len(out.token_ids) == out.completion_tokens > 0
+        prompt_ids = tok.encode(prompt).ids
+        ids = torch.tensor([prompt_ids + list(out.token_ids)])
+        with torch.no_grad():
+            ours = token_logprobs(engine.model, ids, 0.7)[0, len(prompt_ids) - 1:]
+        assert torch.allclose(ours, torch.tensor(out.logprobs), atol=1e-4)

@@ -120,25 +120,33 @@ class LocalEngine:
                 kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
             if self.static_cache:
                 kwargs.update(cache_implementation="static")
-            logprobs = any(s.logprobs for _, s in rows)
-            if logprobs:
-                kwargs.update(return_dict_in_generate=True, output_logits=True)
             with torch.inference_mode():
                 output = self.model.generate(**batch, **kwargs)
-                sequences = output.sequences if logprobs else output
                 width = batch["input_ids"].shape[1]
-                generated = sequences[:, width:]
+                generated = output[:, width:]
                 chosen = None
-                if logprobs:  # SGLang's convention: log_softmax(logits / temperature)
-                    logits = torch.stack(output.logits, dim=1).float()
-                    if sampling.temperature > 0:
-                        logits = logits / sampling.temperature
-                    chosen = logits.log_softmax(-1).gather(-1, generated[..., None])[..., 0]
-                    chosen = chosen.cpu().tolist()
+                if any(s.logprobs for _, s in rows):
+                    chosen = self._logprobs(batch["attention_mask"], output, width,
+                                            sampling.temperature)
         prompt_lengths = batch["attention_mask"].sum(dim=1).tolist()
         return [self._completion(generated[i].tolist(), prompt_lengths[i], s,
                                  chosen[i] if chosen is not None and s.logprobs else None)
                 for i, (_, s) in enumerate(rows)]
+
+    def _logprobs(self, prompt_mask, output, width: int, temperature: float) -> list[list[float]]:
+        """Log-probs of the sampled tokens, log_softmax(logits / temperature) as SGLang reports
+        them, from one forward pass over the finished batch (generate's own `output_logits`
+        grew this process by gigabytes on CPU). Positions follow the left padding, as in
+        generate, so the scores are those the tokens were sampled from."""
+        import torch
+
+        mask = torch.cat([prompt_mask, torch.ones_like(output[:, width:])], dim=1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(input_ids=output, attention_mask=mask,
+                            position_ids=positions).logits[:, width - 1:-1].float()
+        if temperature > 0:
+            logits = logits / temperature
+        return logits.log_softmax(-1).gather(-1, output[:, width:, None])[..., 0].cpu().tolist()
 
     def _completion(self, ids: list[int], prompt_tokens: int, sampling: Sampling,
                     logprobs: list[float] | None) -> Completion:
