@@ -85,22 +85,46 @@ def test_render_line_rejects_non_events():
 
 
 # --- round trips over solver traces --------------------------------------------------------
+def assert_written_as_rendered(lines, events):
+    """The solvers write their lines themselves: each must be what `render` makes of it."""
+    assert all(line.endswith("\n") and line.count("\n") == 1 for line in lines)
+    assert trace.render_lines(events) == lines
+
+
 def test_apr_traces_round_trip(apr_corpus):
     for item in apr_corpus[:1000]:
         t = item.trace
         assert_round_trip(t.context)
         assert_round_trip(t.context, Budget(SUB_CALL_BUDGET, 7))
+        assert_written_as_rendered(t.lines, t.context)
         for spawn in t.spawns:
             assert_round_trip(spawn.block)
             assert_round_trip(spawn.join)
+            assert_written_as_rendered(spawn.block_lines, spawn.block)
+            assert_written_as_rendered(spawn.join_lines, spawn.join)
             for child in spawn.children:
                 assert_round_trip(child.events)
+                assert_written_as_rendered(child.lines, child.events)
 
 
 def test_sos_traces_round_trip(sos_corpus):
     for item in sos_corpus[:1000]:
         assert_round_trip(item.trace.events)
         assert_round_trip(item.trace.events, Budget(TOKEN_BUDGET, 2048))
+        assert_written_as_rendered(item.trace.lines, item.trace.events)
+
+
+def test_line_writers_write_the_golden_lines():
+    assert trace.move_line("0,1") == "Moving to Node #0,1\n"
+    assert trace.state_line(62, "[5, 52]", "['79-27=52']") == (
+        "Current State: 62:[5, 52], Operations: ['79-27=52']\n")
+    assert trace.explore_line("79-27=52", "[5, 50, 52]") == (
+        "Exploring Operation: 79-27=52, Resulting Numbers: [5, 50, 52]\n")
+    assert trace.generated_line("0,0", 62, "[5, 50, 52]", "79-27=52") == (
+        "Generated Node #0,0: 62:[5, 50, 52] Operation: 79-27=52\n")
+    assert trace.goal_line(62, 62) == "62,62 equal: Goal Reached\n"
+    assert trace.dead_end_line(57, 62) == "57,62 unequal: No Solution\n"
+    assert trace.operation_text(79, "-", 27, 52) == operation(79, "-", 27, 52).text == "79-27=52"
 
 
 # --- hypothesis: arbitrary events ----------------------------------------------------------

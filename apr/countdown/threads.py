@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from apr.countdown.search import PROMPT_EVENTS, AprTrace, SosTrace
-from apr.countdown.trace import Budget, render, render_line
+from apr.countdown.trace import Budget
 
 PARENT, CHILD = "parent", "child"
 
@@ -37,25 +37,29 @@ class Thread:
 
 def apr_threads(trace: AprTrace, budget: Budget | None = None) -> list[Thread]:
     """Parent segments and children in decoding order: segment 0, its children, segment 1, ..."""
-    lines = [render_line(e) + "\n" for e in trace.context]
-    prefix = str(budget) if budget is not None else ""
+    lines = trace.lines
+    prompt = (str(budget) if budget is not None else "") + "".join(lines[:PROMPT_EVENTS])
     threads: list[Thread] = []
     start = PROMPT_EVENTS
     for k, spawn in enumerate(trace.spawns):
-        threads.append(Thread(PARENT, prefix + "".join(lines[:start]),
-                              "".join(lines[start:spawn.at]) + render(spawn.block), k))
+        written = "".join(lines[start:spawn.at])
+        threads.append(Thread(PARENT, prompt, written + "".join(spawn.block_lines), k))
         for i, child in enumerate(spawn.children):
-            threads.append(Thread(CHILD, render(child.events[:PROMPT_EVENTS]),
-                                  render(child.events[PROMPT_EVENTS:]), k, i))
-        start = spawn.at + len(spawn.join)
-    threads.append(Thread(PARENT, prefix + "".join(lines[:start]), "".join(lines[start:]),
-                          len(trace.spawns)))
+            child_lines = child.lines
+            threads.append(Thread(CHILD, "".join(child_lines[:PROMPT_EVENTS]),
+                                  "".join(child_lines[PROMPT_EVENTS:]), k, i))
+        prompt += written + "".join(spawn.join_lines)  # the next segment's prompt
+        start = spawn.at + len(spawn.join_lines)
+    threads.append(Thread(PARENT, prompt, "".join(lines[start:]), len(trace.spawns)))
     return threads
 
 
 def sos_threads(trace: SosTrace, budget: Budget | None = None) -> list[Thread]:
     """The one serialized thread: prompt = the root's `Current State` line."""
-    return [Thread(PARENT, render(trace.events[:1], budget), render(trace.events[1:]), 0)]
+    prompt = trace.lines[0]
+    if budget is not None:
+        prompt = f"{budget}{prompt}"
+    return [Thread(PARENT, prompt, "".join(trace.lines[1:]), 0)]
 
 
 def final_text(threads: list[Thread]) -> str:

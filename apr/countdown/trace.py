@@ -62,7 +62,11 @@ class Operation(NamedTuple):
 
 
 def operation(left: int, symbol: str, right: int, result: int) -> Operation:
-    return Operation(left, symbol, right, result, f"{left}{symbol}{right}={result}")
+    return Operation(left, symbol, right, result, operation_text(left, symbol, right, result))
+
+
+def operation_text(left: int, symbol: str, right: int, result: int) -> str:
+    return f"{left}{symbol}{right}={result}"
 
 
 # --- line events -------------------------------------------------------------------------
@@ -176,6 +180,9 @@ def token_budget(token_count: int) -> int:
 
 
 # --- writer ------------------------------------------------------------------------------
+# Every line is written by one of these functions, from its parts already written as text:
+# `render` uses them on events, and the solvers call them directly while they search (no
+# event objects, no rendering pass). Each returns the line with its newline.
 def format_nums(nums: Sequence[int]) -> str:
     return str(list(nums))  # the paper's traces print Python lists: [5, 50, 52]
 
@@ -184,26 +191,50 @@ def format_operations(operations: Sequence[Operation]) -> str:
     return str([op.text for op in operations])  # ['79-27=52', '5+52=57']
 
 
+def move_line(node: str) -> str:
+    return f"{MOVE}{node}\n"
+
+
+def state_line(target: int, nums: str, operations: str) -> str:
+    """`nums` and `operations` as `format_nums` and `format_operations` write them."""
+    return f"{STATE}{target}:{nums}{STATE_OPS}{operations}\n"
+
+
+def explore_line(operation: str, nums: str) -> str:
+    return f"{EXPLORE}{operation}{EXPLORE_NUMS}{nums}\n"
+
+
+def generated_line(node: str, target: int, nums: str, operation: str) -> str:
+    return f"{GENERATED}{node}: {target}:{nums}{GENERATED_OP}{operation}\n"
+
+
+def goal_line(value: int, target: int) -> str:
+    return f"{value},{target}{GOAL}\n"
+
+
+def dead_end_line(value: int, target: int) -> str:
+    return f"{value},{target}{DEAD_END}\n"
+
+
 _RENDERERS: dict[type, Callable[..., str]] = {
-    Move: lambda e: f"{MOVE}{e.node}",
-    State: lambda e: (
-        f"{STATE}{e.target}:{list(e.nums)}{STATE_OPS}{[op.text for op in e.operations]}"),
-    Explore: lambda e: f"{EXPLORE}{e.operation.text}{EXPLORE_NUMS}{list(e.nums)}",
-    Goal: lambda e: f"{e.value},{e.target}{GOAL}",
-    DeadEnd: lambda e: f"{e.value},{e.target}{DEAD_END}",
-    Generated: lambda e: (
-        f"{GENERATED}{e.node}: {e.target}:{list(e.nums)}{GENERATED_OP}{e.operation.text}"),
-    Exhausted: lambda e: EXHAUSTED,
-    DiveStart: lambda e: f"{DIVE_START}{e.level}: {MOVE}{e.node}",
-    DiveEnd: lambda e: f"{DIVE_END}{e.level}",
-    DiveFailed: lambda e: DIVE_FAILED,
-    SpawnStart: lambda e: SPAWN_START,
-    SpawnChild: lambda e: f"{SPAWN_CHILD}{e.index}{AT_LEVEL}{e.level}> {MOVE}{e.node}",
-    SpawnEnd: lambda e: SPAWN_END,
-    JoinStart: lambda e: JOIN_START,
-    JoinGoal: lambda e: f"{JOIN_GOAL}{e.index}{AT_LEVEL}{e.level}{AT_NODE}{e.node}>",
-    JoinNoSolution: lambda e: f"{JOIN_NO_SOLUTION}{e.index}{AT_LEVEL}{e.level}{AT_NODE}{e.node}>",
-    JoinEnd: lambda e: JOIN_END,
+    Move: lambda e: move_line(e.node),
+    State: lambda e: state_line(e.target, format_nums(e.nums), format_operations(e.operations)),
+    Explore: lambda e: explore_line(e.operation.text, format_nums(e.nums)),
+    Goal: lambda e: goal_line(e.value, e.target),
+    DeadEnd: lambda e: dead_end_line(e.value, e.target),
+    Generated: lambda e: generated_line(e.node, e.target, format_nums(e.nums), e.operation.text),
+    Exhausted: lambda e: f"{EXHAUSTED}\n",
+    DiveStart: lambda e: f"{DIVE_START}{e.level}: {MOVE}{e.node}\n",
+    DiveEnd: lambda e: f"{DIVE_END}{e.level}\n",
+    DiveFailed: lambda e: f"{DIVE_FAILED}\n",
+    SpawnStart: lambda e: f"{SPAWN_START}\n",
+    SpawnChild: lambda e: f"{SPAWN_CHILD}{e.index}{AT_LEVEL}{e.level}> {MOVE}{e.node}\n",
+    SpawnEnd: lambda e: f"{SPAWN_END}\n",
+    JoinStart: lambda e: f"{JOIN_START}\n",
+    JoinGoal: lambda e: f"{JOIN_GOAL}{e.index}{AT_LEVEL}{e.level}{AT_NODE}{e.node}>\n",
+    JoinNoSolution: lambda e: (
+        f"{JOIN_NO_SOLUTION}{e.index}{AT_LEVEL}{e.level}{AT_NODE}{e.node}>\n"),
+    JoinEnd: lambda e: f"{JOIN_END}\n",
 }
 
 
@@ -212,13 +243,18 @@ def render_line(event: Event) -> str:
     renderer = _RENDERERS.get(type(event))
     if renderer is None:
         raise TypeError(f"not a trace event: {event!r}")
-    return renderer(event)
+    return renderer(event)[:-1]
 
 
 def render(events: Sequence[Event], budget: Budget | None = None) -> str:
     """Events as trace text, one line each, every line ending in a newline."""
-    text = "".join([_RENDERERS[type(e)](e) + "\n" for e in events])
+    text = "".join([_RENDERERS[type(e)](e) for e in events])
     return f"{budget}{text}" if budget is not None else text
+
+
+def render_lines(events: Sequence[Event]) -> list[str]:
+    """Events as their lines, each with its newline (the solvers' own form of a trace)."""
+    return [_RENDERERS[type(e)](e) for e in events]
 
 
 # --- parser ------------------------------------------------------------------------------
