@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--train-problems", type=int, default=3000)
     parser.add_argument("--val-problems", type=int, default=200)
     parser.add_argument("--sft-preset", default="tiny")
-    parser.add_argument("--sft-steps", type=int, default=600)
+    parser.add_argument("--sft-steps", type=int, default=2000)
     parser.add_argument("--steps", type=int, default=30, help="GRPO steps")
     parser.add_argument("--grpo-set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--fresh-grpo", action="store_true", help="discard an earlier GRPO run")
@@ -62,7 +62,7 @@ def main() -> None:
         shutil.rmtree(grpo_out, ignore_errors=True)
     config = load(grpo.GRPOConfig, "local", grpo.SECTION, [
         f"steps={args.steps}", "prompts_per_step=16", "group_size=4", "lr=2e-4",
-        "context=1024", "children_per_spawn=0", "tokens_per_batch=16384", "val_every=5",
+        "context=1024", "children_per_spawn=0", "tokens_per_batch=16384", "val_every=4",
         f"val_problems={args.val_problems}", "checkpoint_every=5", *args.grpo_set])
     result = grpo.run(config, sft_out / "model", data, grpo_out, resume=True, progress=False)
     grpo_s = time.perf_counter() - started - datagen_s - sft_s
