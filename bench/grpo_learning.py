@@ -61,7 +61,7 @@ def main() -> None:
     if args.fresh_grpo:
         shutil.rmtree(grpo_out, ignore_errors=True)
     config = load(grpo.GRPOConfig, "local", grpo.SECTION, [
-        f"steps={args.steps}", "prompts_per_step=16", "group_size=4", "lr=2e-4",
+        f"steps={args.steps}", "prompts_per_step=16", "group_size=4", "lr=3e-5",
         "context=1024", "children_per_spawn=0", "tokens_per_batch=16384", "val_every=4",
         f"val_problems={args.val_problems}", "checkpoint_every=5", *args.grpo_set])
     result = grpo.run(config, sft_out / "model", data, grpo_out, resume=True, progress=False)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import httpx
 import pytest
 from hypothesis import settings
 
+from apr.sidecar import free_port
 from apr.countdown.problems import Problem, ProblemSpace, candidates
 from apr.countdown.search import (
     HEURISTICS, AprTrace, SearchParams, SosTrace, apr_search, sos_search,
@@ -112,25 +112,22 @@ def make_dataset(out: Path, train: int, val: int, seed: int, chunk: int = 10,
 
 
 class ServedApp:
-    """An ASGI app served by uvicorn on a free loopback port, in a background thread."""
+    """An ASGI app served by uvicorn on a free loopback port, in a background thread.
 
-    def __init__(self, app):
-        import socket
+    `settings`: more `uvicorn.Config` arguments (e.g. timeout_graceful_shutdown)."""
+
+    def __init__(self, app, **settings):
         import threading
 
         import uvicorn
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                                    log_level="warning"))
+                                                    **{"log_level": "warning", **settings}))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> "ServedApp":
-        import time
-
         self.thread.start()
         deadline = time.monotonic() + 20
         while not self.server.started:
@@ -150,16 +147,10 @@ class ServedApp:
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing-access", "AWS_SECRET_ACCESS_KEY": "testing-secret-value"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3():
     """A real S3-compatible server (moto's standalone server) on loopback: its settings."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
                              str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 from apr import model as model_lib
 from apr.engine.base import LENGTH, STOP, Completion, EngineError, Sampling, cut_at_stop
 from apr.engine.local import LocalEngine
+from apr.sidecar import free_port
 from apr.engine.sglang import (
     SAMPLING_KEYS, SGLangEngine, completion_json, generate_payload, parse_completion,
 )
@@ -104,12 +104,6 @@ def test_wire_format_round_trips():
     assert payload["sampling_params"]["no_stop_trim"] is True
     with pytest.raises(EngineError):
         parse_completion({"text": "x"})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

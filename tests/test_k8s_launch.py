@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import signal
-import socket
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -19,13 +17,13 @@ from dataclasses import dataclass, field
 import kubernetes
 import kubernetes_validate
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from apr import launch
 from apr.k8s import GRPOJobSpec, grpo_job, rbac_manifests
 from apr.launch import JobFailed, LaunchError, launch_job
+from conftest import ServedApp
 
 NAME, NS = "grpo-run-1", "kubeflow"
 LINES = ("step 1 loss 0.91", "step 2 loss 0.74", '{"step": 3, "loss": 0.52}', "saved checkpoint")
@@ -240,30 +238,14 @@ def fake_api(current: dict[str, FakeCluster]) -> FastAPI:
     return app
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def api_server():
     """A fake API server on loopback and a real client for it: (the holder of its state, client)."""
     current: dict[str, FakeCluster] = {}
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(fake_api(current), host="127.0.0.1", port=port,
-                                           log_level="error", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 5
-    while not server.started:
-        assert time.monotonic() < deadline, "the fake API server did not start"
-        time.sleep(0.01)
-    client = kubernetes.client.ApiClient(kubernetes.client.Configuration(host=f"http://127.0.0.1:{port}"))
-    yield current, client
-    client.close()
-    server.should_exit = True
-    thread.join(5)
+    with ServedApp(fake_api(current), log_level="error", timeout_graceful_shutdown=2) as served:
+        client = kubernetes.client.ApiClient(kubernetes.client.Configuration(host=served.url))
+        yield current, client
+        client.close()
 
 
 @pytest.fixture
