@@ -1,10 +1,14 @@
-"""SFT sequences from solver traces, and length-bucketed batches with no padding to speak of.
+"""SFT sequences from solver traces, batched with no padding to speak of.
 
 One sequence per thread (APR: every parent segment and every child; SoS+: one per problem):
 BOS + prompt + text + EOS, with the loss on the text and EOS only. Sequences longer than the
-context are dropped and counted. Batches group sequences of similar length under a token
-budget; right padding needs no attention mask in a causal model (no real token attends to a
-later pad), so a sequence's logits do not depend on its batch-mates.
+context are dropped and counted. Two layouts (`Layout`):
+- buckets: sequences of similar length under a token budget, right-padded; a causal model
+  needs no attention mask for that (no real token attends to a later pad);
+- packing: rows of `context` tokens holding several whole sequences, position ids restarting
+  at each; transformers reads the restarts as sequence boundaries and keeps attention inside
+  each sequence (a block-diagonal causal mask), so there is no padding but the tail of a row.
+Either way a sequence's logits do not depend on its batch-mates (tests pin both).
 """
 
 from __future__ import annotations
@@ -195,3 +199,76 @@ def collate(seqs: Sequences, indices: np.ndarray, pad_multiple: int, pad_id: int
         ids[row, :len(seq)] = seq
         mask[row, seqs.prompt_lengths[i] - 1:len(seq) - 1] = 1.0
     return ids, mask
+
+
+def pack_rows(lengths: np.ndarray, width: int) -> list[list[int]]:
+    """Positions (into `lengths`) per row, filling rows of `width` tokens in order (next fit)."""
+    rows: list[list[int]] = [[]]
+    used = 0
+    for k, length in enumerate(lengths):
+        if length > width:
+            raise DataError(f"a {length}-token sequence does not fit a {width}-token packed row: "
+                            "raise the context")
+        if used + length > width:
+            rows.append([])
+            used = 0
+        rows[-1].append(k)
+        used += int(length)
+    return rows if rows[0] else []
+
+
+def plan_packed(lengths: np.ndarray, tokens_per_batch: int, width: int, seed: int, epoch: int
+                ) -> list[np.ndarray]:
+    """Index batches for one epoch of packed rows: sequences in a random order (deterministic in
+    seed and epoch), rows filled in that order, `tokens_per_batch // width` rows a batch."""
+    if tokens_per_batch < width:
+        raise DataError(f"tokens_per_batch={tokens_per_batch} cannot hold one {width}-token "
+                        "packed row: raise it to at least the context")
+    order = np.random.default_rng([seed, epoch]).permutation(len(lengths))
+    rows = pack_rows(lengths[order], width)
+    per_batch = tokens_per_batch // width
+    return [np.concatenate([order[row] for row in rows[k:k + per_batch]])
+            for k in range(0, len(rows), per_batch)]
+
+
+def collate_packed(seqs: Sequences, indices: np.ndarray, width: int, pad_id: int
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Packed input ids, loss mask and position ids, each (rows, width); rows are filled in the
+    order of `indices` exactly as `plan_packed` counted them. The pad tail of a row continues
+    its last sequence's positions: no real token attends to it."""
+    rows = pack_rows(seqs.lengths[indices], width)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.float32)
+    positions = np.tile(np.arange(width, dtype=np.int64), (len(rows), 1))
+    for r, row in enumerate(rows):
+        at = 0
+        for k in row:
+            i = int(indices[k])
+            seq = seqs.sequence(i)
+            ids[r, at:at + len(seq)] = seq
+            mask[r, at + seqs.prompt_lengths[i] - 1:at + len(seq) - 1] = 1.0
+            positions[r, at:] = np.arange(width - at)
+            at += len(seq)
+    return ids, mask, positions
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How sequences become model inputs: length buckets (`pack_width` 0) or packed rows."""
+
+    tokens_per_batch: int
+    pad_multiple: int = 64
+    pack_width: int = 0  # packed rows of this many tokens (the context); 0: buckets
+
+    def plan(self, lengths: np.ndarray, seed: int, epoch: int) -> list[np.ndarray]:
+        if self.pack_width:
+            return plan_packed(lengths, self.tokens_per_batch, self.pack_width, seed, epoch)
+        return plan_batches(lengths, self.tokens_per_batch, self.pad_multiple, seed, epoch)
+
+    def collate(self, seqs: Sequences, indices: np.ndarray, pad_id: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Input ids, loss mask (`mask[b, t]`: token t+1 is a target) and position ids (None
+        for buckets: the model counts positions itself)."""
+        if self.pack_width:
+            return collate_packed(seqs, indices, self.pack_width, pad_id)
+        return (*collate(seqs, indices, self.pad_multiple, pad_id), None)

@@ -26,8 +26,7 @@ import numpy as np
 from apr import model as model_lib
 from apr.config import check, check_choice, check_range, dump
 from apr.data import (
-    KEEP, TRACE_KINDS, DataError, Sequences, check_tokenizer, collate, load_sequences,
-    plan_batches,
+    KEEP, TRACE_KINDS, DataError, Layout, Sequences, check_tokenizer, load_sequences,
 )
 
 SECTION = "sft"
@@ -60,6 +59,7 @@ class SFTConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     pad_multiple: int = 64  # batch widths are rounded up to this (fewer compiled shapes)
+    packing: bool = False  # rows of `context` tokens holding several sequences, not buckets
     seed: int = 0
     dtype: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the model
@@ -145,22 +145,38 @@ def flops_per_token(model, context: int) -> float:
     return 6 * n + 12 * c.num_hidden_layers * c.hidden_size * context
 
 
-def token_loss(model, ids, mask):
-    """Summed next-token cross entropy over the masked targets (no padding counted)."""
+def layout(config: SFTConfig) -> Layout:
+    return Layout(config.tokens_per_batch, config.pad_multiple,
+                  config.context if config.packing else 0)
+
+
+def token_loss(model, ids, mask, positions=None):
+    """Summed next-token cross entropy over the masked targets (no padding counted).
+
+    With packed rows (`positions` restarting per sequence) the cache must stay off: transformers
+    reads the restarts as sequence boundaries only when there is no cache and no mask.
+    """
     import torch.nn.functional as F
 
-    logits = model(input_ids=ids).logits[:, :-1].float()
+    extra = {} if positions is None else {"position_ids": positions, "use_cache": False}
+    logits = model(input_ids=ids, **extra).logits[:, :-1].float()
     targets = ids[:, 1:]
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
                            reduction="none")
     return (loss * mask[:, :-1].reshape(-1)).sum()
 
 
+def tensors(arrays, device) -> tuple:
+    """numpy arrays (None kept) onto the device."""
+    import torch
+
+    return tuple(None if a is None else torch.from_numpy(a).to(device) for a in arrays)
+
+
 def validation_batches(seqs: Sequences, config: SFTConfig) -> list[np.ndarray]:
     """The batches of the first `eval_sequences` validation sequences (planned once a run)."""
     count = len(seqs) if config.eval_sequences == 0 else min(len(seqs), config.eval_sequences)
-    return plan_batches(seqs.lengths[:count], config.tokens_per_batch, config.pad_multiple,
-                        config.seed, 0)
+    return layout(config).plan(seqs.lengths[:count], config.seed, 0)
 
 
 def evaluate(model, seqs: Sequences, batches: list[np.ndarray], config: SFTConfig, device,
@@ -172,10 +188,9 @@ def evaluate(model, seqs: Sequences, batches: list[np.ndarray], config: SFTConfi
     model.eval()
     with torch.no_grad():
         for indices in batches:
-            ids, mask = collate(seqs, indices, config.pad_multiple, pad_id)
-            ids, mask = torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
+            ids, mask, positions = tensors(layout(config).collate(seqs, indices, pad_id), device)
             with autocast():
-                total += token_loss(model, ids, mask).item()
+                total += token_loss(model, ids, mask, positions).item()
             tokens += mask[:, :-1].sum().item()
     model.train()
     return total / max(tokens, 1.0)
@@ -282,8 +297,7 @@ def run(config: SFTConfig, data: str | Path, out: str | Path, resume: bool = Fal
     model = model_lib.build(config.preset, config.context, config.seed).to(device)
     pad_id = model.config.pad_token_id
     optimizer = make_optimizer(model, config, device)
-    epoch_batches = {0: plan_batches(train.lengths, config.tokens_per_batch, config.pad_multiple,
-                                     config.seed, 0)}
+    epoch_batches = {0: layout(config).plan(train.lengths, config.seed, 0)}
     per_epoch = len(epoch_batches[0])
     val_batches = validation_batches(val, config)
     micro_per_step = config.grad_accum * dist_info.world
@@ -314,8 +328,7 @@ def run(config: SFTConfig, data: str | Path, out: str | Path, resume: bool = Fal
         epoch, position = divmod(index, per_epoch)
         if epoch not in epoch_batches:
             epoch_batches.clear()
-            epoch_batches[epoch] = plan_batches(train.lengths, config.tokens_per_batch,
-                                                config.pad_multiple, config.seed, epoch)
+            epoch_batches[epoch] = layout(config).plan(train.lengths, config.seed, epoch)
         return epoch_batches[epoch][position]
 
     train_loss = float("nan")
@@ -334,11 +347,10 @@ def run(config: SFTConfig, data: str | Path, out: str | Path, resume: bool = Fal
         step_targets = sum(int((train.lengths[b] - train.prompt_lengths[b]).sum()) for b in batches)
         loss_sum = 0.0
         for k, indices in enumerate(mine):
-            ids, mask = collate(train, indices, config.pad_multiple, pad_id)
-            ids, mask = torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
+            ids, mask, positions = tensors(layout(config).collate(train, indices, pad_id), device)
             sync = dist_info.world > 1 and k < len(mine) - 1
             with (trained.no_sync() if sync else nullcontext()), autocast():
-                loss = token_loss(trained, ids, mask) * (dist_info.world / step_targets)
+                loss = token_loss(trained, ids, mask, positions) * (dist_info.world / step_targets)
             loss.backward()
             loss_sum += loss.item() / dist_info.world
             window_tokens += int(train.lengths[indices].sum())  # real tokens, no padding

@@ -5,8 +5,9 @@
 
 Baseline: `LlamaForCausalLM` with its own loss on dense random batches (every token real,
 no padding), bf16 autocast and fused AdamW, eager and compiled. Ours: `apr.sft`'s model,
-optimizer and loss on length-bucketed batches of real threads; only non-padding tokens count.
-Both run in the same process, one after the other, after warm-up steps.
+optimizer and loss on real threads, in both layouts (length buckets; packed rows with attention
+kept inside each sequence); only non-padding tokens count. All run in the same process, one
+after the other, after warm-up steps.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import numpy as np
 import torch
 
 from apr import model as model_lib
-from apr.data import collate, load_sequences, plan_batches
-from apr.sft import SFTConfig, flops_per_token, make_optimizer, token_loss
+from apr.data import Layout, load_sequences
+from apr.sft import SFTConfig, flops_per_token, make_optimizer, tensors, token_loss
 
 
 def timed_steps(step, warmup: int, steps: int, device) -> float:
@@ -56,15 +57,18 @@ def main() -> None:
     config = SFTConfig(preset=args.preset, context=args.context,
                        tokens_per_batch=args.tokens_per_batch, pad_multiple=64)
     seqs = load_sequences(args.data, "apr", "train", "all", args.context)
-    batches = plan_batches(seqs.lengths, args.tokens_per_batch, 64, seed=0, epoch=0)
+    layouts = {"ours, buckets": Layout(args.tokens_per_batch, 64),
+               "ours, packed rows": Layout(args.tokens_per_batch, 64, pack_width=args.context)}
+    plans = {name: layout.plan(seqs.lengths, seed=0, epoch=0) for name, layout in layouts.items()}
     dense_seq = args.dense_seq or args.context
     dense_batch = max(1, args.tokens_per_batch // dense_seq)
     print(f"device {device}, preset {args.preset}, {len(seqs)} real sequences "
-          f"(median {int(np.median(seqs.lengths))} tokens), {len(batches)} bucketed batches")
+          f"(median {int(np.median(seqs.lengths))} tokens), "
+          + ", ".join(f"{len(plan)} batches ({name})" for name, plan in plans.items()))
 
     rows = []
     for compiled in ([False, True] if args.compile else [False]):
-        for variant in ("dense baseline", "ours (real threads)"):
+        for variant in ("dense baseline", *layouts):
             model = model_lib.build(args.preset, args.context).to(device)
             optimizer = make_optimizer(model, config, device)
             run = torch.compile(model) if compiled else model
@@ -84,12 +88,12 @@ def main() -> None:
                     counted.append(ids.numel())
             else:
                 def step(i, run=run, optimizer=optimizer, counted=counted,
-                         pad=model.config.pad_token_id):
+                         pad=model.config.pad_token_id, layout=layouts[variant],
+                         batches=plans[variant]):
                     indices = batches[i % len(batches)]
-                    ids, mask = collate(seqs, indices, 64, pad)
-                    ids, mask = torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
+                    ids, mask, positions = tensors(layout.collate(seqs, indices, pad), device)
                     with autocast():
-                        loss = token_loss(run, ids, mask) / mask.sum()
+                        loss = token_loss(run, ids, mask, positions) / mask.sum()
                     loss.backward()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)

@@ -16,7 +16,8 @@ import torch
 from apr import model as model_lib, sft, tokenizer
 from apr.config import ConfigError, from_dict, load
 from apr.data import (
-    DataError, Sequences, build_sequences, collate, load_sequences, plan_batches,
+    DataError, Layout, Sequences, build_sequences, collate, collate_packed, load_sequences,
+    plan_batches, plan_packed,
 )
 from apr.sft import SFTConfig
 from conftest import make_dataset
@@ -51,8 +52,10 @@ def test_loss_falls_when_overfitting_a_few_traces(dataset, tmp_path):
     assert np.isfinite(result.val_loss)
 
 
-def test_resume_gives_the_same_losses_as_an_uninterrupted_run(dataset, tmp_path, monkeypatch):
-    config = tiny(max_steps=6, checkpoint_every=3)
+@pytest.mark.parametrize("packing", [False, True], ids=["buckets", "packed"])
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(dataset, tmp_path, monkeypatch,
+                                                              packing):
+    config = tiny(max_steps=6, checkpoint_every=3, packing=packing)
     sft.run(config, dataset, tmp_path / "straight", progress=False)
 
     original = sft.save_checkpoint
@@ -87,16 +90,67 @@ def test_a_checkpoint_being_written_is_not_taken_for_a_complete_one(tmp_path):
 def test_logits_of_a_sequence_do_not_depend_on_its_batch_mates():
     torch.manual_seed(0)
     model = model_lib.build("tiny").eval()
-    short = np.array([1, 20, 21, 22, 23, 2], dtype=np.int16)
-    long = np.arange(1, 41, dtype=np.int16) % 100 + 4
-    seqs = Sequences(np.concatenate([short, long]), np.array([0, 6, 46]),
-                     np.array([2, 2], dtype=np.int32))
+    seqs = two_sequences()
     alone, _ = collate(seqs, np.array([0]), 8, 0)
     together, _ = collate(seqs, np.array([0, 1]), 8, 0)
     with torch.no_grad():
         a = model(input_ids=torch.from_numpy(alone)).logits[0, :6]
         b = model(input_ids=torch.from_numpy(together)).logits[0, :6]
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def two_sequences() -> Sequences:
+    short = np.array([1, 20, 21, 22, 23, 2], dtype=np.int16)
+    long = np.arange(1, 41, dtype=np.int16) % 100 + 4
+    return Sequences(np.concatenate([short, long]), np.array([0, 6, 46]),
+                     np.array([2, 2], dtype=np.int32))
+
+
+def test_packed_logits_of_a_token_do_not_depend_on_its_row_mates():
+    torch.manual_seed(0)
+    model = model_lib.build("tiny").eval()
+    seqs = two_sequences()
+    alone = collate_packed(seqs, np.array([0]), 64, 0)
+    shared = collate_packed(seqs, np.array([1, 0]), 64, 0)  # the short one after the long one
+    assert shared[0].shape == (1, 64) and shared[0][0, 40:46].tolist() == seqs.sequence(0).tolist()
+    with torch.no_grad():
+        a, b = (model(input_ids=torch.from_numpy(ids), position_ids=torch.from_numpy(pos),
+                      use_cache=False).logits[0] for ids, _, pos in (alone, shared))
+    torch.testing.assert_close(a[:6], b[40:46], rtol=1e-5, atol=1e-5)
+    # without the restarted positions the same row would let the short sequence see the long one
+    with torch.no_grad():
+        leaked = model(input_ids=torch.from_numpy(shared[0])).logits[0]
+    assert not torch.allclose(a[:6], leaked[40:46], atol=1e-3)
+
+
+def test_packed_and_bucketed_batches_give_the_same_loss():
+    torch.manual_seed(0)
+    model = model_lib.build("tiny").eval()
+    seqs = two_sequences()
+    both = np.array([0, 1])
+    results = []
+    for layout in (Layout(4096, 8), Layout(4096, 8, pack_width=64)):
+        ids, mask, pos = (None if a is None else torch.from_numpy(a)
+                          for a in layout.collate(seqs, both, 0))
+        with torch.no_grad():
+            results.append((sft.token_loss(model, ids, mask, pos).item(), mask.sum().item()))
+    assert results[0][1] == results[1][1] == 4 + 38  # text and EOS targets of both sequences
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+
+
+def test_plan_packed_fills_rows_within_the_budget_and_covers_every_sequence():
+    lengths = np.random.default_rng(0).integers(10, 500, size=300)
+    batches = plan_packed(lengths, 4096, 1024, seed=1, epoch=0)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(300))
+    seqs = Sequences(np.zeros(int(lengths.sum()), dtype=np.int16),
+                     np.concatenate([[0], np.cumsum(lengths)]), np.ones(300, dtype=np.int32))
+    for b in batches:
+        ids, mask, pos = collate_packed(seqs, b, 1024, 0)
+        assert ids.shape[0] <= 4 and ids.shape[1] == 1024
+    rows = sum(collate_packed(seqs, b, 1024, 0)[0].shape[0] for b in batches)
+    assert lengths.sum() / (rows * 1024) > 0.85  # next-fit leaves only row tails empty
+    again = plan_packed(lengths, 4096, 1024, seed=1, epoch=0)
+    assert all(np.array_equal(x, y) for x, y in zip(batches, again))
 
 
 def test_collate_masks_exactly_the_text_and_eos():
