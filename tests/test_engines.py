@@ -205,6 +205,34 @@ def test_unreachable_server_is_an_engine_error():
         asyncio.run(call())
 
 
+@pytest.mark.parametrize("drops, ok", [(1, True), (2, False)])
+def test_a_connection_the_server_closed_is_retried_once(drops, ok):
+    calls = []
+    item = completion_json(Completion("x", LENGTH, None, 3, 1, "0"))
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        if len(calls) <= drops:
+            raise httpx.ReadError("connection closed by the server", request=request)
+        return httpx.Response(200, json=[item])
+
+    async def call():
+        client = SGLangEngine("http://sglang.test")
+        client._client = httpx.AsyncClient(base_url=client.base_url,
+                                           transport=httpx.MockTransport(handler))
+        try:
+            return await client.generate(["x"], Sampling(1))
+        finally:
+            await client.close()
+
+    if ok:
+        assert [c.text for c in asyncio.run(call())] == ["x"]
+    else:
+        with pytest.raises(EngineError, match="unreachable"):
+            asyncio.run(call())
+    assert calls == ["/generate"] * 2
+
+
 def test_logprobs_of_a_padded_batch_are_each_rows_own(engine):
     """Sampled tokens' log-probs (softmax of logits / temperature, as SGLang reports them)
     match a forward pass over each row alone: left padding changes nothing."""

@@ -115,15 +115,24 @@ class SGLangEngine:
         import httpx
 
         self.base_url = base_url.rstrip("/")
-        self._client = httpx.AsyncClient(base_url=self.base_url, timeout=timeout_s)
+        # uvicorn (SGLang's server) closes idle keep-alive connections after 5 s, httpx's own
+        # default; dropping ours sooner keeps a request from racing the server's close.
+        self._client = httpx.AsyncClient(base_url=self.base_url, timeout=timeout_s,
+                                         limits=httpx.Limits(keepalive_expiry=2.0))
 
     async def _post(self, path: str, body: dict):
+        """POST, once more on a fresh connection when a pooled one turns out closed (a
+        trainer step longer than the keep-alive met the server's close)."""
         import httpx
 
-        try:
-            return await self._client.post(path, json=body)
-        except httpx.HTTPError as e:
-            raise EngineError(f"{self.base_url}{path} unreachable: {e!r}") from e
+        for attempt in (1, 2):
+            try:
+                return await self._client.post(path, json=body)
+            except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as e:
+                if attempt == 2:
+                    raise EngineError(f"{self.base_url}{path} unreachable: {e!r}") from e
+            except httpx.HTTPError as e:
+                raise EngineError(f"{self.base_url}{path} unreachable: {e!r}") from e
 
     async def generate(self, prompts: Sequence[str], sampling: Sampling) -> list[Completion]:
         if not prompts:
