@@ -153,10 +153,9 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, config: GRPOConfig):
 def token_logprobs(model, ids, temperature: float):
     """Log-probs of ids[:, 1:] under `model` with logits / temperature (SGLang's convention
     for the log-probs it reports), (B, L-1) in float32."""
-    logits = model(input_ids=ids).logits[:, :-1].float()
-    if temperature > 0:
-        logits = logits / temperature
-    return logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+    from apr.model import sampled_logprobs
+
+    return sampled_logprobs(model(input_ids=ids).logits[:, :-1], ids[:, 1:], temperature)
 
 
 # --- the run's pieces --------------------------------------------------------------------
@@ -304,7 +303,7 @@ async def push_weights(engine, trainer: Trainer, weights_dir: Path, version: int
 
 async def validate(engine, problems: list[dict], config: GRPOConfig, version: str) -> dict:
     """Greedy accuracy on the validation problems, through the same runtime and server."""
-    from apr.rollouts import Rollout, check_version
+    from apr.rollouts import check_version
     from apr.runtime import APR, Budgets, solve_apr, solve_sos
 
     if not problems:
@@ -313,7 +312,7 @@ async def validate(engine, problems: list[dict], config: GRPOConfig, version: st
     budgets = Budgets(context=config.context, children_per_spawn=config.children_per_spawn)
     solves = await asyncio.gather(*(solver(engine, p["nums"], p["target"], budgets, 0.0)
                                     for p in problems))
-    check_version([Rollout(0, s) for s in solves], version)
+    check_version(solves, version)
     return {"val_accuracy": round(sum(s.correct for s in solves) / len(solves), 4),
             "val_children": round(sum(s.children for s in solves) / len(solves), 3)}
 
@@ -457,7 +456,7 @@ async def _loop(config, paths, trainer, state, train, val, weights, url, sidecar
                                                      config.seed, step)]
             rollouts = await collect(engine, batch, config.group_size, config.mode, budgets,
                                      config.temperature)
-            check_version(rollouts, str(step))
+            check_version((r.solve for r in rollouts), str(step))
             rollout_s = time.perf_counter() - started
             advantages = _advantages(rollouts)
             rows = training_rows(rollouts, advantages)

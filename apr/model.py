@@ -112,6 +112,15 @@ def save(model, directory: str | Path) -> Path:
     return directory
 
 
+def sampled_logprobs(logits, targets, temperature: float):
+    """log_softmax(logits / temperature) at each target token, in float32: the convention of
+    the log-probs SGLang reports, so the engines and the GRPO trainer score tokens alike."""
+    logits = logits.float()
+    if temperature > 0:
+        logits = logits / temperature
+    return logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0]
+
+
 def load(directory: str | Path, device: str = "cpu", dtype=None):
     """Load a saved model directory (safetensors only: nothing is unpickled)."""
     from transformers import AutoModelForCausalLM

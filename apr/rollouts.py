@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -54,11 +54,11 @@ async def collect(engine: Engine, problems: Sequence[dict], group_size: int, mod
     return [Rollout(g, s) for (g, _), s in zip(jobs, solves)]
 
 
-def check_version(rollouts: Sequence[Rollout], expected: str) -> None:
+def check_version(solves: Iterable[Solve], expected: str) -> None:
     """Every thread must come from the weights the trainer last sent: a stale policy would
     otherwise train silently on the wrong ratios."""
-    for r in rollouts:
-        for t in r.solve.threads:
+    for solve in solves:
+        for t in solve.threads:
             if t.weight_version != expected:
                 raise StalePolicy(f"a rollout thread was sampled with weight_version "
                                   f"{t.weight_version!r}, expected {expected!r}: the rollout "

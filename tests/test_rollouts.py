@@ -57,8 +57,8 @@ def test_a_thread_from_other_weights_is_a_stale_policy(rollouts):
     for r in rollouts:
         threads = [replace(t, weight_version="3") for t in r.solve.threads]
         versioned.append(Rollout(r.group, replace(r.solve, threads=threads)))
-    check_version(versioned, "3")
+    check_version((r.solve for r in versioned), "3")
     stale = versioned[-1].solve.threads[-1]
     versioned[-1].solve.threads[-1] = replace(stale, weight_version="2")
     with pytest.raises(StalePolicy, match="'2', expected '3'"):
-        check_version(versioned, "3")
+        check_version((r.solve for r in versioned), "3")

@@ -161,13 +161,13 @@ class LocalEngine:
         generate, so the scores are those the tokens were sampled from."""
         import torch
 
+        from apr.model import sampled_logprobs
+
         mask = torch.cat([prompt_mask, torch.ones_like(output[:, width:])], dim=1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = self.model(input_ids=output, attention_mask=mask,
-                            position_ids=positions).logits[:, width - 1:-1].float()
-        if temperature > 0:
-            logits = logits / temperature
-        return logits.log_softmax(-1).gather(-1, output[:, width:, None])[..., 0].cpu().tolist()
+                            position_ids=positions).logits[:, width - 1:-1]
+        return sampled_logprobs(logits, output[:, width:], temperature).cpu().tolist()
 
     def _completion(self, ids: list[int], prompt_tokens: int, sampling: Sampling,
                     logprobs: list[float] | None) -> Completion:
