@@ -37,6 +37,7 @@ from apr.config import InputError, check, check_choice, check_range, dump
 
 SECTION = "grpo"
 MODES = ("apr", "sos")
+LOSS_AVERAGES = ("token", "rollout")
 SLOTS = ("checkpoint-a", "checkpoint-b")  # remote checkpoints alternate: one is always whole
 
 
@@ -58,6 +59,7 @@ class GRPOConfig:
     clip: float = 0.2  # PPO ratio clip
     kl_beta: float = 0.001  # weight of the KL to the frozen reference
     inner_steps: int = 2  # optimizer passes over each batch of rollouts
+    loss_average: str = "token"  # "token" (the paper's recipe) or "rollout" (each rollout equal)
     temperature: float = 1.0
     grad_clip: float = 1.0
     context: int = 4096  # tokens any one thread may hold
@@ -79,6 +81,7 @@ class GRPOConfig:
         check_choice("mode", self.mode, MODES)
         check_choice("dtype", self.dtype, ("auto", "bf16", "fp32"))
         check_choice("sidecar", self.sidecar, ("auto", "sglang", "apr"))
+        check_choice("loss_average", self.loss_average, LOSS_AVERAGES)
         check_range("group_size", self.group_size, 2)
         for key in ("prompts_per_step", "steps", "inner_steps", "val_every", "checkpoint_every",
                     "keep_checkpoints", "pad_multiple"):
@@ -117,35 +120,41 @@ def group_advantages(rewards, groups, eps: float = 1e-6):
     return advantages
 
 
-def clipped_policy_loss(logp, old_logp, advantages, mask, clip: float = 0.2):
-    """PPO's clipped surrogate, averaged over the masked tokens.
+def clipped_policy_loss(logp, old_logp, advantages, mask, clip: float = 0.2, weights=None):
+    """PPO's clipped surrogate over the masked tokens.
 
     logp, old_logp, mask: (B, T) per-token log-probs of the sampled tokens under the current
     policy and the one that sampled, and 1 on generated tokens. advantages: (B,) one per row
-    (a row is one thread; every thread of a rollout gets the rollout's advantage).
-    Returns (loss, fraction of tokens whose ratio was clipped).
+    (a row is one thread; every thread of a rollout gets the rollout's advantage). weights:
+    (B,) each row's weight per token (`Rows.token_weights`); by default the loss is the mean
+    over the masked tokens. Returns (loss, the same weighting of tokens whose ratio was clipped).
     """
     ratio = (logp - old_logp).exp()
     adv = advantages[:, None]
     unclipped = ratio * adv
     clipped = ratio.clamp(1 - clip, 1 + clip) * adv
     per_token = -unclipped.minimum(clipped)
-    tokens = mask.sum().clamp(min=1)
+    w = _weights(mask, weights)
     was_clipped = ((ratio - 1).abs() > clip).float()
-    return (per_token * mask).sum() / tokens, (was_clipped * mask).sum() / tokens
+    return (per_token * w).sum(), (was_clipped * w).sum()
 
 
-def kl_to_reference(logp, ref_logp, mask):
+def kl_to_reference(logp, ref_logp, mask, weights=None):
     """Per-token KL(policy || reference), the k3 estimator exp(d) - d - 1 with d = ref - logp:
-    non-negative, zero when the two agree; averaged over the masked tokens."""
+    non-negative, zero when the two agree; weighted over the masked tokens as the policy loss."""
     d = ref_logp - logp
-    return (((d.exp() - d - 1) * mask).sum()) / mask.sum().clamp(min=1)
+    return ((d.exp() - d - 1) * _weights(mask, weights)).sum()
 
 
-def grpo_loss(logp, old_logp, ref_logp, advantages, mask, config: GRPOConfig):
+def _weights(mask, weights):
+    """Per-token loss weights: the mean over the masked tokens, or per-row weights."""
+    return mask / mask.sum().clamp(min=1) if weights is None else mask * weights[:, None]
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, config: GRPOConfig, weights=None):
     """The step's loss: clipped policy loss plus kl_beta times the KL to the reference."""
-    policy, clipped = clipped_policy_loss(logp, old_logp, advantages, mask, config.clip)
-    kl = kl_to_reference(logp, ref_logp, mask)
+    policy, clipped = clipped_policy_loss(logp, old_logp, advantages, mask, config.clip, weights)
+    kl = kl_to_reference(logp, ref_logp, mask, weights)
     return policy + config.kl_beta * kl, {"policy_loss": policy.item(), "kl": kl.item(),
                                           "clipped_fraction": clipped.item()}
 
@@ -227,7 +236,8 @@ class Trainer:
             if bf16 else nullcontext
 
     def update(self, rows, step: int) -> dict:
-        """`inner_steps` optimizer steps over the rows; token-level averages of the losses."""
+        """`inner_steps` optimizer steps over the rows; the losses weighted over the step's
+        tokens as `loss_average` says."""
         import torch
 
         from apr.data import collate, plan_batches
@@ -237,7 +247,7 @@ class Trainer:
             return {"trained_tokens": 0}
         seqs = rows.sequences
         batches = plan_batches(seqs.lengths, c.tokens_per_batch, c.pad_multiple, c.seed, step)
-        total = float(seqs.target_tokens)
+        row_weights = rows.token_weights(c.loss_average).astype(np.float32)
         for group in self.optimizer.param_groups:
             group["lr"] = c.lr * min(1.0, (step + 1) / c.warmup_steps) if c.warmup_steps else c.lr
         fixed: dict[int, tuple] = {}  # per batch: sampling-policy and reference log-probs
@@ -250,6 +260,7 @@ class Trainer:
                 ids = torch.from_numpy(ids).to(self.device)
                 mask = torch.from_numpy(mask[:, :-1]).to(self.device)
                 advantages = torch.from_numpy(rows.advantages[indices]).to(self.device)
+                weights = torch.from_numpy(row_weights[indices]).to(self.device)
                 with self.autocast():
                     logp = token_logprobs(self.policy, ids, c.temperature)
                 if inner == 0:
@@ -261,16 +272,15 @@ class Trainer:
                                                               for i in indices])
                     gap, gap_tokens = gap + g, gap_tokens + n
                 old, ref = fixed[b]
-                loss, stats = grpo_loss(logp, old, ref, advantages, mask, c)
-                share = float(mask.sum()) / total
-                (loss * share).backward()
+                loss, stats = grpo_loss(logp, old, ref, advantages, mask, c, weights)
+                loss.backward()  # each batch's part of the step's weighted sum
                 for key in sums:
-                    sums[key] += stats[key] * share / c.inner_steps
+                    sums[key] += stats[key] / c.inner_steps
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), c.grad_clip))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         out = {**{k: round(v, 6) for k, v in sums.items()}, "grad_norm": round(grad_norm, 4),
-               "trained_tokens": int(total)}
+               "trained_tokens": seqs.target_tokens}
         if gap_tokens:  # mean |trainer - server| log-prob: ~0 unless the server is stale
             out["logprob_gap"] = round(gap / gap_tokens, 6)
         return out

@@ -73,9 +73,20 @@ class Rows:
     sequences: Sequences
     advantages: np.ndarray  # float32, one per row
     sampler_logprobs: list[np.ndarray]
+    rollouts: np.ndarray  # int, the rollout each row belongs to
 
     def __len__(self) -> int:
         return len(self.sequences)
+
+    def token_weights(self, average: str) -> np.ndarray:
+        """Each row's weight per trained token; over a step they sum to 1. "token": every
+        token weighs the same (long rollouts weigh more); "rollout": each rollout's tokens
+        share an equal part, so a long failed rollout counts no more than a short success."""
+        targets = (self.sequences.lengths - self.sequences.prompt_lengths).astype(np.float64)
+        if average == "token":
+            return np.full(len(targets), 1.0 / max(1.0, targets.sum()))
+        per_rollout = np.bincount(self.rollouts, weights=targets)
+        return 1.0 / (np.count_nonzero(per_rollout) * per_rollout[self.rollouts])
 
 
 def training_rows(rollouts: Sequence[Rollout], advantages: Sequence[float]) -> Rows:
@@ -83,8 +94,8 @@ def training_rows(rollouts: Sequence[Rollout], advantages: Sequence[float]) -> R
     rollouts all scored the same carries no policy gradient)."""
     tok = domain_tokenizer.build()
     bos = tok.token_to_id(domain_tokenizer.BOS)
-    chunks, lengths, prompts, row_adv, sampler = [], [], [], [], []
-    for rollout, advantage in zip(rollouts, advantages):
+    chunks, lengths, prompts, row_adv, sampler, owner = [], [], [], [], [], []
+    for index, (rollout, advantage) in enumerate(zip(rollouts, advantages)):
         if advantage == 0:
             continue
         threads = [t for t in rollout.solve.threads if t.token_ids]
@@ -96,8 +107,9 @@ def training_rows(rollouts: Sequence[Rollout], advantages: Sequence[float]) -> R
             prompts.append(len(prompt.ids) + 1)
             row_adv.append(advantage)
             sampler.append(np.asarray(thread.logprobs, dtype=np.float32))
+            owner.append(index)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
     return Rows(Sequences(tokens, offsets, np.asarray(prompts, dtype=np.int32)),
-                np.asarray(row_adv, dtype=np.float32), sampler)
+                np.asarray(row_adv, dtype=np.float32), sampler, np.asarray(owner, dtype=np.int64))

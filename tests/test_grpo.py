@@ -52,6 +52,22 @@ def test_masked_tokens_count_for_nothing():
     assert logp.grad[0, 2:].tolist() == [0.0, 0.0]
 
 
+def test_row_weights_replace_the_token_mean():
+    logp = torch.tensor([[-0.1, -0.2, -0.3], [-1.0, -2.0, 0.0]])
+    old = torch.zeros(2, 3)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    adv = torch.tensor([1.0, -1.0])
+    mean, _ = clipped_policy_loss(logp, old, adv, mask)
+    uniform, _ = clipped_policy_loss(logp, old, adv, mask, weights=torch.full((2,), 1 / 5))
+    assert uniform.item() == pytest.approx(mean.item(), rel=1e-6)
+    # each row's tokens share half of the loss: the short row weighs more per token
+    halves, _ = clipped_policy_loss(logp, old, adv, mask, weights=torch.tensor([1 / 6, 1 / 4]))
+    ratio = logp.exp()
+    expected = -(ratio[0].clamp(0.8, 1.2).minimum(ratio[0]).sum() / 6) \
+        + (ratio[1, :2].clamp(0.8, 1.2).maximum(ratio[1, :2]).sum() / 4)
+    assert halves.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_kl_is_zero_for_identical_policies_and_positive_otherwise():
     logp = torch.log(torch.tensor([[0.2, 0.7, 0.1]]))
     mask = torch.ones(1, 3)

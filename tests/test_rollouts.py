@@ -52,6 +52,21 @@ def test_rows_hold_exactly_the_sampled_tokens_of_every_thread(rollouts):
     assert seqs.target_tokens == sum(t.completion_tokens for t in threads)
 
 
+def test_token_weights_sum_to_one_and_rollout_averaging_weighs_each_rollout_equally(rollouts):
+    import numpy as np
+
+    rows = training_rows(rollouts, [0.5, -0.5, 1.0, 0.0, 0.0, -1.0])
+    targets = rows.sequences.lengths - rows.sequences.prompt_lengths
+    flat = rows.token_weights("token")
+    assert np.allclose(flat, 1.0 / targets.sum())
+    equal = rows.token_weights("rollout")
+    assert (equal * targets).sum() == pytest.approx(1.0)
+    shares = np.bincount(rows.rollouts, weights=equal * targets)
+    assert shares[[0, 1, 2, 5]] == pytest.approx([0.25] * 4)  # 4 rollouts carry advantages
+    assert shares[[3, 4]].tolist() == [0.0, 0.0]
+    assert len(set(targets[rows.rollouts == 0]).union(targets[rows.rollouts == 5])) > 1
+
+
 def test_a_thread_from_other_weights_is_a_stale_policy(rollouts):
     versioned = []
     for r in rollouts:
