@@ -17,6 +17,11 @@ from dataclasses import dataclass, field
 
 SGLANG_PORT = 30000
 SHARED = "/shared"  # the weights directory both containers see
+# Defaults shared with the pipeline (apr.pipeline, apr.components): one place to change them.
+TRAIN_IMAGE = "ghcr.io/apr-on-kubernetes/apr-train:0.1.0"
+SGLANG_IMAGE = "lmsysorg/sglang:v0.5.23"  # the GRPO Job's rollout sidecar
+S3_SECRET = "mlpipeline-minio-artifact"  # the standard KFP install's artifact store Secret
+S3_ENDPOINT = "http://seaweedfs.kubeflow:9000"  # KFP 2.15+ serves its artifact store here
 
 
 @dataclass(frozen=True)
@@ -24,16 +29,16 @@ class GRPOJobSpec:
     name: str
     model_uri: str  # the SFT model to start from (s3://... as published, or a path)
     namespace: str = "kubeflow"
-    trainer_image: str = "ghcr.io/apr-on-kubernetes/apr-train:0.1.0"
-    sglang_image: str = "lmsysorg/sglang:v0.5.23"  # apr.components.SGLANG_IMAGE
+    trainer_image: str = TRAIN_IMAGE
+    sglang_image: str = SGLANG_IMAGE
     trainer_args: tuple[str, ...] = ()  # appended to `apr grpo`
     gpus_trainer: int = 1
     gpus_sglang: int = 1
     gpu_resource: str = "nvidia.com/gpu"
     shm_size: str = "8Gi"
     node_selector: dict[str, str] = field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
-    s3_secret: str = "mlpipeline-minio-artifact"  # keys accesskey / secretkey
-    s3_endpoint: str = "http://seaweedfs.kubeflow:9000"
+    s3_secret: str = S3_SECRET  # keys accesskey / secretkey
+    s3_endpoint: str = S3_ENDPOINT
     ttl_seconds: int = 3600
 
 
@@ -45,7 +50,12 @@ def grpo_job(spec: GRPOJobSpec) -> dict:
     """The Job manifest, as a plain dict (validated against Kubernetes schemas by the tests)."""
     labels = {"app.kubernetes.io/name": "apr-grpo", "app.kubernetes.io/instance": spec.name,
               "app.kubernetes.io/component": "grpo", "app.kubernetes.io/part-of": "apr"}
-    health = {"httpGet": {"path": "/health_generate", "port": SGLANG_PORT}}
+    # SGLang listens on the pod's loopback only (its weight-update API is not for the network),
+    # and kubelet's httpGet probes dial the pod IP: probe from inside the container instead.
+    health = {"exec": {"command": [
+        "python3", "-c", "import urllib.request; urllib.request.urlopen("
+        f"'http://127.0.0.1:{SGLANG_PORT}/health_generate', timeout=25)"]},
+        "timeoutSeconds": 30}
     sidecar = {
         "name": "sglang",
         "image": spec.sglang_image,
@@ -54,13 +64,14 @@ def grpo_job(spec: GRPOJobSpec) -> dict:
                     "--model-path", f"{SHARED}/initial", "--host", "127.0.0.1",
                     "--port", str(SGLANG_PORT), "--enable-metrics", "--allow-auto-truncate",
                     "--weight-version", "0"],
-        "ports": [{"name": "sglang", "containerPort": SGLANG_PORT}],
         "resources": _gpu(spec.gpus_sglang, spec.gpu_resource),
         # The trainer starts once SGLang has generated a token; loading can take minutes.
         "startupProbe": {**health, "periodSeconds": 10, "failureThreshold": 120},
         "readinessProbe": {**health, "periodSeconds": 10},
         "volumeMounts": [{"name": "shared", "mountPath": SHARED},
                          {"name": "dshm", "mountPath": "/dev/shm"}],
+        # The SGLang image runs as root; it needs no privilege beyond that.
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
     }
     secret = [{"name": env, "valueFrom": {"secretKeyRef": {"name": spec.s3_secret, "key": key}}}
               for env, key in (("AWS_ACCESS_KEY_ID", "accesskey"),
@@ -96,6 +107,7 @@ def grpo_job(spec: GRPOJobSpec) -> dict:
                 "metadata": {"labels": labels},
                 "spec": {
                     "restartPolicy": "Never",
+                    "automountServiceAccountToken": False,  # neither container calls the API
                     "initContainers": [pull, sidecar],
                     "containers": [trainer],
                     "volumes": [{"name": "shared", "emptyDir": {}},
@@ -124,6 +136,7 @@ def rbac_manifests(namespace: str, service_account: str = "pipeline-runner") -> 
              "verbs": ["create", "get", "list", "watch", "delete"]},
             {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
             {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+            {"apiGroups": [""], "resources": ["events"], "verbs": ["list"]},  # why no pod came
         ],
     }
     binding = {

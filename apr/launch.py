@@ -8,7 +8,9 @@ returns or raises.
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -20,9 +22,14 @@ from apr.shutdown import sigterm_as_exit
 TRAINER = "trainer"  # the container whose log becomes the step's log
 TAIL_LINES = 50  # log lines quoted when a Job fails
 # Waiting reasons that do not clear by themselves: fail now rather than at the timeout.
-STUCK_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName",
-                           "CreateContainerConfigError", "CrashLoopBackOff"})
+# (ErrImagePull is not one: kubelet retries a pull, and a registry's rate limit passes.)
+STUCK_REASONS = frozenset({"ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
+                           "CrashLoopBackOff"})
 GONE_WAIT_S = 120.0  # how long a deleted Job of the same name may take to disappear
+API_RETRY_S = 300.0  # how long the API server may answer 5xx / 429 or not at all, mid-watch
+FOLLOW_READ_S = 300.0  # a log stream silent this long is opened again (a half-open connection)
+REQUEST_TIMEOUT = (30.0, 60.0)  # connect, read: every call but the log stream
+print_now = functools.partial(print, flush=True)  # a pod's stdout is a pipe: no buffering
 
 
 class LaunchError(RuntimeError):
@@ -51,14 +58,16 @@ def load_kube_config() -> None:
 
 
 def launch_job(manifest: dict, *, timeout_s: float = 0, poll_s: float = 5.0,
-               log: Callable[[str], Any] = print, keep: bool = False, api_client: Any = None,
+               log: Callable[[str], Any] = print_now, keep: bool = False, api_client: Any = None,
                pending_grace_s: float = 600.0) -> dict:
     """Runs the Job to its end with the trainer's log streamed to `log`; returns a summary.
 
     Raises JobFailed when the Job fails or its pod cannot start (a bad image, a crashing
-    sidecar, no node for longer than `pending_grace_s`), LaunchError past `timeout_s` (0: no
-    limit). The Job is deleted however this returns, SIGTERM included, unless `keep`: a GPU Job
-    must not outlive the step that waits for it. `api_client`: by default the cluster's own.
+    sidecar, no node or no pod for longer than `pending_grace_s`), LaunchError past
+    `timeout_s` (0: no limit; else also the Job's activeDeadlineSeconds, so the cluster ends
+    it even if this process is killed). The Job is deleted however this returns, SIGTERM
+    included, unless `keep`: a GPU Job must not outlive the step that waits for it.
+    `api_client`: by default the cluster's own.
     """
     from kubernetes import client
 
@@ -68,11 +77,14 @@ def launch_job(manifest: dict, *, timeout_s: float = 0, poll_s: float = 5.0,
     name = manifest["metadata"]["name"]
     namespace = manifest["metadata"].get("namespace", "default")
     deadline = _Deadline(f"Job {namespace}/{name}", timeout_s)
+    if timeout_s > 0:
+        manifest = {**manifest, "spec": {**manifest["spec"],
+                                         "activeDeadlineSeconds": math.ceil(timeout_s)}}
     created = False
     with sigterm_as_exit():
         try:
+            created = True  # from the call on: an interrupted create may still have made it
             job = _create(batch, manifest, deadline, poll_s, log)
-            created = True
             log(f"launcher: created Job {namespace}/{name}")
             _Watch(batch, core, job, log, deadline, poll_s, pending_grace_s).run()
             seconds = round(time.monotonic() - deadline.start, 1)
@@ -121,18 +133,22 @@ def _create(batch: Any, manifest: dict, deadline: _Deadline, poll_s: float, log:
     name, namespace = manifest["metadata"]["name"], manifest["metadata"].get("namespace", "default")
     try:
         try:
-            return batch.create_namespaced_job(namespace, manifest)
+            return batch.create_namespaced_job(namespace, manifest,
+                                               _request_timeout=REQUEST_TIMEOUT)
         except ApiException as e:
             if e.status != 409:
                 raise
         log(f"launcher: Job {namespace}/{name} already exists (a retried step?): replacing it")
-        batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
+        # Foreground: the old Job stays listed until its pod is gone, so the new one never
+        # shares GPUs or checkpoint slots with a trainer still shutting down.
+        batch.delete_namespaced_job(name, namespace, propagation_policy="Foreground",
+                                    _request_timeout=REQUEST_TIMEOUT)
         gone = _Deadline(f"deleting the earlier Job {namespace}/{name}", GONE_WAIT_S)
         while _exists(batch, name, namespace):
             deadline.check()
             gone.check()
             time.sleep(poll_s)
-        return batch.create_namespaced_job(namespace, manifest)
+        return batch.create_namespaced_job(namespace, manifest, _request_timeout=REQUEST_TIMEOUT)
     except ApiException as e:
         raise _api_error(f"cannot create Job {namespace}/{name}", e) from e
 
@@ -141,7 +157,7 @@ def _exists(batch: Any, name: str, namespace: str) -> bool:
     from kubernetes.client.exceptions import ApiException
 
     try:
-        batch.read_namespaced_job(name, namespace)
+        batch.read_namespaced_job(name, namespace, _request_timeout=REQUEST_TIMEOUT)
         return True
     except ApiException as e:
         if e.status == 404:
@@ -156,7 +172,8 @@ def _delete(batch: Any, name: str, namespace: str, log: Callable) -> None:
     from urllib3.exceptions import HTTPError
 
     try:
-        batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
+        batch.delete_namespaced_job(name, namespace, propagation_policy="Background",
+                                    _request_timeout=REQUEST_TIMEOUT)
         log(f"launcher: deleted Job {namespace}/{name}")
     except ApiException as e:
         if e.status != 404:
@@ -222,12 +239,13 @@ class _Watch:
         self.logs_done = False
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self.unschedulable_since: float | None = None
+        self.podless_since = time.monotonic()
 
     def run(self) -> None:
         while True:
             # The Job before the pod: a finished Job's pod then shows the trainer's final state,
             # and its log is drained before this returns.
-            job = self.batch.read_namespaced_job(self.name, self.namespace)
+            job = self._api(self.batch.read_namespaced_job, self.name, self.namespace)
             pod = self._pod()
             if pod is not None and not self.logs_done and _started(pod, TRAINER):
                 pod = self._follow(pod)
@@ -239,16 +257,20 @@ class _Watch:
                 raise JobFailed(self._report(f"{self.what} failed: {why or 'no reason given'}", pod))
             if pod is not None:
                 self._check_stuck(pod)
+            else:
+                self._check_podless()
             self.deadline.check()
             time.sleep(self.poll_s)
 
     def _pod(self) -> Any:
         """This Job's newest pod (an earlier Job of the same name may still have pods going)."""
-        pods = self.core.list_namespaced_pod(self.namespace, label_selector=f"job-name={self.name}")
+        pods = self._api(self.core.list_namespaced_pod, self.namespace,
+                         label_selector=f"job-name={self.name}")
         ours = [p for p in pods.items
                 if any(o.uid == self.uid for o in p.metadata.owner_references or [])]
         if not ours:
             return None
+        self.podless_since = None
         pod = max(ours, key=lambda p: p.metadata.creation_timestamp)
         if pod.metadata.name != self.pod_name:
             self.log(f"launcher: pod {pod.metadata.name}")
@@ -259,20 +281,22 @@ class _Watch:
     def _follow(self, pod: Any) -> Any:
         """Streams the trainer's log until the stream closes; returns the pod read afresh.
 
-        A stream that closes while the trainer still runs is followed again on the next poll,
-        skipping the lines already shown (counted: after the kubelet rotates the log, lines may
-        be lost, never repeated).
+        A stream that closes while the trainer still runs, or stays silent for FOLLOW_READ_S
+        (a connection that died without closing), is followed again on the next poll, skipping
+        the lines already shown (counted: after the kubelet rotates the log, lines may be lost,
+        never repeated).
         """
         from kubernetes.client.exceptions import ApiException
-        from urllib3.exceptions import HTTPError
+        from urllib3.exceptions import HTTPError, ReadTimeoutError
 
         left = self.deadline.left()
-        timeout = {} if left is None else {"_request_timeout": (max(left, 0.01),) * 2}
+        read_s = FOLLOW_READ_S if left is None else max(min(left, FOLLOW_READ_S), 0.01)
+        silent = False
         seen = 0
         try:
             stream = self.core.read_namespaced_pod_log(
                 pod.metadata.name, self.namespace, container=TRAINER, follow=True,
-                _preload_content=False, **timeout)
+                _preload_content=False, _request_timeout=(REQUEST_TIMEOUT[0], read_s))
             try:
                 for raw in stream:
                     seen += 1
@@ -285,13 +309,69 @@ class _Watch:
             finally:
                 stream.close()
                 stream.release_conn()
+        except ReadTimeoutError:
+            silent = True  # a quiet trainer, or a dead connection: check the Job, then follow again
         except (ApiException, HTTPError):
             pass  # a refused or broken stream: polled and followed again like an early end
         fresh = self._pod()
         self.logs_done = fresh is None or _terminated(fresh, TRAINER)
-        if not self.logs_done:
+        if not self.logs_done and not silent:
             self.log("launcher: the trainer's log stream ended early; following it again")
         return fresh
+
+    def _api(self, call: Callable, *args: Any, **kwargs: Any) -> Any:
+        """One read of the watch, retried while the API server is briefly unavailable (5xx,
+        429, no answer) for up to API_RETRY_S; this Job gone means someone deleted it."""
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        give_up = time.monotonic() + API_RETRY_S
+        delay = self.poll_s
+        while True:
+            try:
+                return call(*args, _request_timeout=REQUEST_TIMEOUT, **kwargs)
+            except ApiException as e:
+                if e.status == 404:
+                    raise LaunchError(f"{self.what} was deleted while it ran (by someone else: "
+                                      "kubectl delete, or a namespace clean-up)") from e
+                if e.status != 429 and e.status < 500 or time.monotonic() > give_up:
+                    raise _api_error(f"watching {self.what}", e) from e
+                why = f"HTTP {e.status} {e.reason}"
+            except HTTPError as e:
+                if time.monotonic() > give_up:
+                    raise LaunchError(f"watching {self.what}: the API server did not answer "
+                                      f"for {API_RETRY_S:g} s: {e}") from e
+                why = str(e)
+            self.log(f"launcher: the API server failed a read ({why}); retrying")
+            self.deadline.check()
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+    def _check_podless(self) -> None:
+        """Fails a Job that has made no pod for `pending_grace_s`: a quota or an admission
+        policy refused it, and the Job itself never fails for that."""
+        if self.podless_since is None:
+            self.podless_since = time.monotonic()  # its pod went away: count afresh
+        waited = time.monotonic() - self.podless_since
+        if waited <= self.pending_grace_s:
+            return
+        events = self._events()
+        raise JobFailed(f"{self.what} has made no pod in {waited:.0f} s"
+                        + (": " + "; ".join(events) if events else
+                           f" (kubectl describe job -n {self.namespace} {self.name} says why)"))
+
+    def _events(self) -> list[str]:
+        """The Job's warning events (FailedCreate says which quota or policy refused its pod)."""
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        try:
+            events = self.core.list_namespaced_event(
+                self.namespace, field_selector=f"involvedObject.uid={self.uid}",
+                _request_timeout=REQUEST_TIMEOUT).items
+        except (ApiException, HTTPError):
+            return []
+        return [f"{e.reason}: {e.message}" for e in events if e.type == "Warning"][-3:]
 
     def _check_stuck(self, pod: Any) -> None:
         """Fails fast on a pod that cannot start: a bad image, a crashing sidecar, no node."""
@@ -341,10 +421,14 @@ class _Watch:
             # Unparsed: the client would turn a log that happens to be one JSON line into a dict.
             response = self.core.read_namespaced_pod_log(
                 pod.metadata.name, self.namespace, container=container, tail_lines=TAIL_LINES,
-                previous=previous, _preload_content=False)
+                previous=previous, _preload_content=False, _request_timeout=REQUEST_TIMEOUT)
+            try:
+                data = response.data
+            finally:
+                response.release_conn()
         except (ApiException, HTTPError):
             return []  # a container that never started has no log
-        return response.data.decode("utf-8", "replace").splitlines()[-TAIL_LINES:]
+        return data.decode("utf-8", "replace").splitlines()[-TAIL_LINES:]
 
 
 # --- GRPO in the cluster -------------------------------------------------------------------
@@ -358,7 +442,7 @@ def job_name(run_id: str, prefix: str = "apr-grpo") -> str:
 
 def run_grpo_job(spec_fields: dict, model_dir: str, data_dir: str, store: str,
                  trainer_args: list[str], out_model: str, timeout_s: float = 0,
-                 log: Callable[[str], Any] = print) -> dict:
+                 log: Callable[[str], Any] = print_now) -> dict:
     """Stage the SFT model and the problems in the store, run the GRPO Job (trainer + SGLang
     sidecar) to its end, and bring the trained model back into `out_model`.
 

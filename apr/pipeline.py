@@ -26,13 +26,12 @@ from apr.components.evaluate import evaluate
 from apr.components.grpo import grpo
 from apr.components.publish import publish
 from apr.components.sft import sft
+from apr.k8s import S3_ENDPOINT, S3_SECRET
 
 PIPELINE_NAME = "apr-countdown"
 COMPILED = Path("pipelines") / "apr_pipeline.yaml"
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_NODE_LABEL = ("nvidia.com/gpu.present", "true")  # set by NVIDIA's GPU feature discovery
-MINIO_SECRET = "mlpipeline-minio-artifact"  # the standard KFP install's artifact store Secret
-DEFAULT_S3_ENDPOINT = "http://seaweedfs.kubeflow:9000"  # KFP 2.15+ serves minio:// from it
 
 
 def _on_gpu(task: dsl.PipelineTask, image) -> dsl.PipelineTask:
@@ -50,7 +49,7 @@ def _on_gpu(task: dsl.PipelineTask, image) -> dsl.PipelineTask:
 def _with_store_credentials(task: dsl.PipelineTask) -> dsl.PipelineTask:
     from kfp import kubernetes
 
-    kubernetes.use_secret_as_env(task, secret_name=MINIO_SECRET, secret_key_to_env={
+    kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env={
         "accesskey": "AWS_ACCESS_KEY_ID", "secretkey": "AWS_SECRET_ACCESS_KEY"})
     return task
 
@@ -64,7 +63,7 @@ def build(cluster: bool = True):
                      sft_overrides: list = [], grpo_overrides: list = [],
                      evaluate_overrides: list = [],
                      store: str = "s3://apr-models", model_name: str = "apr-countdown",
-                     model_version: str = "v1", s3_endpoint: str = DEFAULT_S3_ENDPOINT,
+                     model_version: str = "v1", s3_endpoint: str = S3_ENDPOINT,
                      image: str = APR_IMAGE, train_image: str = TRAIN_IMAGE,
                      sglang_image: str = SGLANG_IMAGE, namespace: str = "kubeflow",
                      grpo_timeout_s: float = 0.0):
@@ -86,6 +85,8 @@ def build(cluster: bool = True):
                 if cluster:  # a CPU step: the GPUs are the Job's
                     final.set_container_image(image)
                     _with_store_credentials(final)
+                    # A retry keeps the run id, so its Job resumes from the last checkpoint.
+                    final.set_retry(num_retries=2, backoff_duration="60s")
             evaluated = evaluate(preset=preset, mode=traces, overrides=evaluate_overrides,
                                  model=final.outputs["model"], data=data.outputs["data"]
                                  ).set_display_name(f"evaluate {label}")

@@ -57,13 +57,17 @@ def server_command(kind: str, model_dir: str | Path, port: int, device: str = "a
             "--weight-version", "0", *extra]
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def _die_with_parent():
+    """A function for the child to run between fork and exec that asks the kernel to SIGTERM
+    it when this process dies (PR_SET_PDEATHSIG). libc is looked up here, in the parent: after
+    a fork of a threaded process the child should do as little as possible."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
     except (OSError, AttributeError):
-        pass
+        return None
+    return lambda: prctl(1, signal.SIGTERM)
 
 
 class Sidecar:
@@ -90,14 +94,18 @@ class Sidecar:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True,
-                                            preexec_fn=_die_with_parent)
+                                            preexec_fn=_die_with_parent())
         deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline:
-            self.check_alive()
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + HEALTH, timeout=2.0).status_code == 200:
-                    return self
-            time.sleep(0.25)
+        try:
+            while time.monotonic() < deadline:
+                self.check_alive()
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(self.url + HEALTH, timeout=2.0).status_code == 200:
+                        return self
+                time.sleep(0.25)
+        except BaseException:  # an interrupt or SIGTERM while waiting: no server left behind
+            self.stop()
+            raise
         self.stop()
         raise SidecarError(f"the {self.kind} rollout server did not answer {HEALTH} within "
                            f"{self.startup_timeout_s:.0f} s (raise sidecar_startup_s if the "
@@ -111,16 +119,20 @@ class Sidecar:
                                f"{self._log_tail()}")
 
     def stop(self, grace_s: float = 10.0) -> None:
-        if self.process is None or self.process.poll() is not None:
+        """SIGTERM to the server's whole process group (SGLang's scheduler and detokenizer are
+        its children, and may outlive it), SIGKILL after `grace_s`."""
+        if self.process is None:
             return
+        process, self.process = self.process, None  # once: the group id is not ours after
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
+            os.killpg(process.pid, signal.SIGTERM)
         try:
-            self.process.wait(grace_s)
+            process.wait(grace_s)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # whatever of the group is still there
+        process.wait()
 
     def _log_tail(self, lines: int = 20) -> str:
         try:

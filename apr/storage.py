@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, TypeVar
 from urllib.parse import urlparse
 
@@ -31,7 +31,12 @@ T = TypeVar("T")
 
 
 class StorageError(RuntimeError):
-    pass
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.code = code  # the S3 error code, when the server answered with one
+
+
+MISSING = ("NoSuchKey", "NoSuchBucket")  # S3 codes that mean the object is not there
 
 
 class IncompleteArtifact(StorageError):
@@ -109,7 +114,7 @@ def retry(action: Callable[[], T], what: str, attempts: int = 5, base_delay: flo
         except S3Error as e:
             if e.code in ("NoSuchKey", "NoSuchBucket", "AccessDenied", "InvalidAccessKeyId",
                           "SignatureDoesNotMatch") or attempt == attempts - 1:
-                raise StorageError(f"{what}: {e.code}: {e.message}") from e
+                raise StorageError(f"{what}: {e.code}: {e.message}", e.code) from e
         except (HTTPError, OSError) as e:
             if attempt == attempts - 1:
                 raise StorageError(f"{what}: {e}") from e
@@ -166,8 +171,10 @@ def read_manifest(uri: str | Path, settings: S3Settings | None = None) -> dict:
     try:
         response = retry(lambda: client.get_object(bucket, key), f"read {uri}/{MANIFEST}")
     except StorageError as e:
+        if e.code not in MISSING:  # denied or unreachable is not "absent": say so, never guess
+            raise
         raise IncompleteArtifact(f"{uri} has no {MANIFEST}: it is incomplete or not an "
-                                 f"artifact ({e})") from e
+                                 f"artifact ({e})", e.code) from e
     try:
         return json.loads(response.read())
     finally:
@@ -196,6 +203,10 @@ def download(uri: str | Path, local: str | Path, settings: S3Settings | None = N
         client = settings.client()
         bucket, prefix = split_uri(str(uri))
     for relative, expected in manifest["files"].items():
+        if PurePosixPath(relative).is_absolute() or ".." in PurePosixPath(relative).parts:
+            shutil.rmtree(partial)
+            raise StorageError(f"{uri}/{MANIFEST} names {relative!r}, a path outside the "
+                               "artifact: refusing to write it")
         target = partial / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         if is_remote(uri):

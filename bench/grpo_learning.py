@@ -3,13 +3,16 @@ step's time goes (rollouts, training, weight sync).
 
 CPU default: the tiny model on an easy Countdown (3 numbers in 1..15, targets 10..40: small
 enough arithmetic for a 0.8M-parameter model to learn in minutes on a CPU; on the paper's
-1..99 range it learns the trace format but not the sums, and every reward is 0). Each phase is skipped when its output exists, so reruns only redo GRPO:
+1..99 range it learns the trace format but not the sums, and every reward is 0). Datagen and
+SFT are skipped when their output exists; GRPO resumes from its checkpoint (`--fresh-grpo`
+starts it again):
 
     python bench/grpo_learning.py --workdir runs/grpo-bench
     python bench/grpo_learning.py --workdir runs/grpo-bench-gpu --numbers 4 --num-max 99 \
         --target-max 100 --sft-preset small --sft-steps 3000   (an H100; not measured yet)
 
-Rollouts go through `apr engine serve` started by the run (SGLang where installed on a GPU).
+Rollouts go through a rollout server the run starts: SGLang where it is installed on a GPU,
+else `apr engine serve`.
 Prints the validation curve and the mean step-time breakdown.
 """
 
@@ -63,6 +66,7 @@ def main() -> None:
     config = load(grpo.GRPOConfig, "local", grpo.SECTION, [
         f"steps={args.steps}", "prompts_per_step=16", "group_size=4", "lr=3e-5",
         "context=1024", "children_per_spawn=0", "tokens_per_batch=16384", "val_every=4",
+        "sidecar=auto",
         f"val_problems={args.val_problems}", "checkpoint_every=5", *args.grpo_set])
     result = grpo.run(config, sft_out / "model", data, grpo_out, resume=True, progress=False)
     grpo_s = time.perf_counter() - started - datagen_s - sft_s

@@ -1,7 +1,7 @@
 """Decoding speed of the local engine inside the APR runtime, against `model.generate`.
 
     python bench/local_decode.py --model runs/gpu/sft-apr/model --problems runs/gpu/data
-    python bench/local_decode.py --model runs/demo/sft-apr/model --problems runs/demo/data \
+    python bench/local_decode.py --model runs/grpo-bench/sft/model --problems runs/grpo-bench/data \
         --problems-n 64 --context 1024 --baseline-tokens 512 --warmups 1 --k-children 8 (CPU)
 
 Three measurements, in one process, after warm-up:

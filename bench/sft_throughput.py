@@ -1,10 +1,10 @@
 """SFT training throughput: our loop on real APR threads against a plain dense baseline.
 
     python bench/sft_throughput.py --data runs/gpu/data --preset small     (an H100)
-    python bench/sft_throughput.py --data runs/demo/data --preset tiny --steps 3 --context 1024
+    python bench/sft_throughput.py --data runs/grpo-bench/data --preset tiny --steps 3 --context 1024
 
 Baseline: `LlamaForCausalLM` with its own loss on dense random batches (every token real,
-no padding), bf16 autocast and fused AdamW, eager and compiled. Ours: `apr.sft`'s model,
+no padding), bf16 autocast and fused AdamW, eager (and compiled with `--compile`). Ours: `apr.sft`'s model,
 optimizer and loss on real threads, in both layouts (length buckets; packed rows with attention
 kept inside each sequence); only non-padding tokens count. All run in the same process, one
 after the other, after warm-up steps.

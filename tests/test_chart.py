@@ -342,7 +342,7 @@ def test_pod_layout_and_images_are_pinned(rendered):
 
 def test_pull_model_reads_credentials_only_from_secrets(rendered):
     for variant, uri, endpoint, secret, keys in (
-            ("defaults", "s3://apr-models/models/apr-countdown/v1", "http://minio.kubeflow:9000",
+            ("defaults", "s3://apr-models/models/apr-countdown/v1", "http://seaweedfs.kubeflow:9000",
              "mlpipeline-minio-artifact", ("accesskey", "secretkey")),
             ("custom", "s3://store/models/apr-countdown/v7", "http://seaweedfs.kubeflow:9000", "creds",
              ("id", "key"))):
@@ -563,11 +563,19 @@ def test_alerts_fire_on_synthetic_series(rendered, promtool, tmp_path):
             {"eval_time": "16m", "alertname": "AprHighRequestLatency", "exp_alerts": fired("AprHighRequestLatency")}]},
         {"interval": "1m", "input_series": fast, "alert_rule_test": [
             {"eval_time": "16m", "alertname": "AprHighRequestLatency", "exp_alerts": []}]},
-        {"interval": "1m", "input_series": [requests, {"series": f'apr_errors_total{{{sel},kind="engine"}}',
+        {"interval": "1m", "input_series": [requests, {"series": f'apr_errors_total{{{sel},kind="engine_unavailable"}}',
                                                         "values": "0+10x20"}], "alert_rule_test": [
             {"eval_time": "16m", "alertname": "AprHighErrorRate", "exp_alerts": fired("AprHighErrorRate")}]},
-        {"interval": "1m", "input_series": [requests, {"series": f'apr_errors_total{{{sel},kind="engine"}}',
+        {"interval": "1m", "input_series": [requests, {"series": f'apr_errors_total{{{sel},kind="timeout"}}',
                                                         "values": "0+1x20"}], "alert_rule_test": [
+            {"eval_time": "16m", "alertname": "AprHighErrorRate", "exp_alerts": []}]},
+        # every request failing: no answered requests at all must still alert
+        {"interval": "1m", "input_series": [{"series": f'apr_errors_total{{{sel},kind="engine_unavailable"}}',
+                                             "values": "0+10x20"}], "alert_rule_test": [
+            {"eval_time": "16m", "alertname": "AprHighErrorRate", "exp_alerts": fired("AprHighErrorRate")}]},
+        # clients sending bad requests is not the server failing
+        {"interval": "1m", "input_series": [requests, {"series": f'apr_errors_total{{{sel},kind="bad_request"}}',
+                                                        "values": "0+50x20"}], "alert_rule_test": [
             {"eval_time": "16m", "alertname": "AprHighErrorRate", "exp_alerts": []}]},
         {"interval": "1m", "input_series": [{"series": f'apr_engine_up{{{sel},pod="p-1"}}', "values": "1 0x10"},
                                             {"series": f'apr_engine_up{{{sel},pod="p-2"}}', "values": "1x10"}],

@@ -182,6 +182,9 @@ def test_weight_update_from_disk_changes_what_the_server_generates(server, model
             await client.update_weights_from_disk(str(model_dir), "8")
             with pytest.raises(EngineError, match="rejected"):
                 await client.update_weights_from_disk(str(tmp_path / "missing"), "9")
+            # a rejected update still continues generation (a paused server would hang here)
+            again = await asyncio.wait_for(client.generate([PROMPT], Sampling(16, 0.0)), 60)
+            assert again[0].text == before[0].text and again[0].weight_version == "8"
             return before, body, after
         finally:
             await client.close()

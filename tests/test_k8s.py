@@ -24,8 +24,21 @@ def test_sglang_is_a_native_sidecar_after_the_model_pull(job):
     assert pull["name"] == "pull-model" and "restartPolicy" not in pull
     assert sidecar["name"] == "sglang" and sidecar["restartPolicy"] == "Always"
     assert "--enable-metrics" in sidecar["command"] and "--allow-auto-truncate" in sidecar["command"]
-    assert sidecar["startupProbe"]["httpGet"]["path"] == "/health_generate"
     assert pod["restartPolicy"] == "Never" and job["spec"]["backoffLimit"] == 0
+
+
+def test_the_probes_reach_sglang_where_it_listens(job):
+    """kubelet's httpGet probes dial the pod IP: SGLang on loopback needs a probe from inside."""
+    sidecar = job["spec"]["template"]["spec"]["initContainers"][1]
+    command = sidecar["command"]
+    host, port = command[command.index("--host") + 1], command[command.index("--port") + 1]
+    for probe in ("startupProbe", "readinessProbe"):
+        check = sidecar[probe]
+        if "httpGet" in check:
+            assert host == "0.0.0.0" and str(check["httpGet"]["port"]) == port
+        else:
+            assert f"http://{host}:{port}/health_generate" in " ".join(check["exec"]["command"])
+        assert check["timeoutSeconds"] >= 10  # /health_generate decodes a token, not instant
 
 
 def test_both_containers_get_a_gpu_and_share_the_weights_volume(job):
@@ -39,10 +52,14 @@ def test_both_containers_get_a_gpu_and_share_the_weights_volume(job):
 
 
 def test_credentials_come_only_from_the_secret(job):
-    trainer = job["spec"]["template"]["spec"]["containers"][0]
-    secret_envs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in trainer["env"] if "valueFrom" in e}
-    assert secret_envs["AWS_ACCESS_KEY_ID"] == {"name": "mlpipeline-minio-artifact", "key": "accesskey"}
-    assert all("value" not in e for e in trainer["env"] if e["name"].startswith("AWS_"))
+    pod = job["spec"]["template"]["spec"]
+    for container in (pod["containers"][0], pod["initContainers"][0]):  # trainer, model pull
+        env = container["env"]
+        secret_envs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in env if "valueFrom" in e}
+        assert secret_envs["AWS_ACCESS_KEY_ID"] == {"name": "mlpipeline-minio-artifact",
+                                                    "key": "accesskey"}
+        assert all("value" not in e for e in env if e["name"].startswith("AWS_"))
+    assert pod["automountServiceAccountToken"] is False  # no container calls the API
 
 
 def test_native_sidecars_need_kubernetes_1_29(job):

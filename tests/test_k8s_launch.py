@@ -44,6 +44,8 @@ class Script:
     unschedulable: str | None = None  # the scheduler's message
     existing: bool = False  # a Job of this name is there already, with a finished pod
     delete_reads: int = 2  # reads a deleted Job still answers before it is gone
+    read_errors: dict[int, int] = field(default_factory=dict)  # Job read number: HTTP status
+    refused: str | None = None  # no pod is ever made; the event that says why
 
 
 def _status_error(code: int, reason: str, message: str) -> JSONResponse:
@@ -70,6 +72,8 @@ class FakeCluster:
         self.follows = 0
         self.calls: list[tuple[str, str, str]] = []  # (verb, resource, detail), as RBAC sees them
         self.old_pod: dict | None = None
+        self.created: dict | None = None  # the manifest the launcher sent
+        self.job_gets = 0
         if script.existing:
             self.job = self._new_job({"metadata": {"name": NAME, "namespace": NS}}, "old-run")
             self.old_pod = self._pod("old-run", trainer=_container(
@@ -119,7 +123,8 @@ class FakeCluster:
 
     def pods(self) -> list[dict]:
         pods = [self.old_pod] if self.old_pod else []
-        if self.job is None or self.deleting or self.reads < self.script.pod_after:
+        if self.job is None or self.deleting or self.reads < self.script.pod_after \
+                or self.script.refused:
             return pods
         s, uid = self.script, self.job["metadata"]["uid"]
         if s.unschedulable:
@@ -175,7 +180,7 @@ def fake_api(current: dict[str, FakeCluster]) -> FastAPI:
         cluster.calls.append(("create", "jobs", body["metadata"]["name"]))
         if cluster.job is not None:
             return _status_error(409, "AlreadyExists", f'jobs.batch "{NAME}" already exists')
-        cluster.job = cluster._new_job(body, str(uuid.uuid4()))
+        cluster.job, cluster.created = cluster._new_job(body, str(uuid.uuid4())), body
         cluster.reads, cluster.trainer = 0, "waiting"
         return JSONResponse({**cluster.job, "status": {}}, status_code=201)
 
@@ -183,6 +188,12 @@ def fake_api(current: dict[str, FakeCluster]) -> FastAPI:
     async def read_job(ns: str, name: str):
         cluster = current["cluster"]
         cluster.calls.append(("get", "jobs", name))
+        cluster.job_gets += 1
+        status = cluster.script.read_errors.get(cluster.job_gets)
+        if status == 404:
+            cluster.job = None  # deleted by someone else
+        elif status:
+            return _status_error(status, "ServiceUnavailable", "etcdserver: request timed out")
         job = cluster.read_job()
         if job is None:
             return _status_error(404, "NotFound", f'jobs.batch "{name}" not found')
@@ -205,6 +216,16 @@ def fake_api(current: dict[str, FakeCluster]) -> FastAPI:
         cluster.calls.append(("list", "pods", labelSelector))
         assert labelSelector == f"job-name={NAME}"
         return {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": cluster.pods()}
+
+    @app.get("/api/v1/namespaces/{ns}/events")
+    async def list_events(ns: str, fieldSelector: str = ""):
+        cluster = current["cluster"]
+        cluster.calls.append(("list", "events", fieldSelector))
+        uid = cluster.job["metadata"]["uid"] if cluster.job else None
+        items = [{"metadata": {"name": f"{NAME}.1"}, "involvedObject": {"kind": "Job", "uid": uid},
+                  "type": "Warning", "reason": "FailedCreate", "message": cluster.script.refused}
+                 ] if cluster.script.refused and fieldSelector == f"involvedObject.uid={uid}" else []
+        return {"kind": "EventList", "apiVersion": "v1", "metadata": {}, "items": items}
 
     @app.get("/api/v1/namespaces/{ns}/pods/{pod}/log")
     async def pod_log(ns: str, pod: str, request: Request, container: str, follow: bool = False,
@@ -312,8 +333,9 @@ def test_a_job_left_by_an_earlier_try_is_replaced(cluster):
     assert _launch(client, logged)["succeeded"]
     creates = [c for c in fake.calls if c[0] == "create"]
     assert len(creates) == 2  # refused (409), then created once the old Job had gone
-    assert _deleted(fake) == [f"{NAME} Background", f"{NAME} Background"]
-    first_delete = fake.calls.index(("delete", "jobs", f"{NAME} Background"))
+    # Foreground: the old Job is listed until its pod has gone, and the new one waits for that
+    assert _deleted(fake) == [f"{NAME} Foreground", f"{NAME} Background"]
+    first_delete = fake.calls.index(("delete", "jobs", f"{NAME} Foreground"))
     assert fake.calls[first_delete + 1:].index(creates[1]) == fake.script.delete_reads
     # The old Job's finished pod was still listed: only the new Job's pod was followed.
     assert "the old run's log" not in logged and _trainer_lines(logged) == list(LINES)
@@ -330,13 +352,14 @@ def test_a_timeout_raises_and_deletes_the_job_even_while_following_the_log(clust
     assert time.monotonic() - start < 2.5
     assert _trainer_lines(logged) == list(LINES)  # the lines before the hang were shown
     assert _deleted(fake) == [f"{NAME} Background"]
+    assert fake.created["spec"]["activeDeadlineSeconds"] == 1  # the cluster ends it too
 
 
 @pytest.mark.parametrize("cluster", [
     {"crashed": {"sglang": (1, ("loading /shared/initial",
                                 "torch.OutOfMemoryError: CUDA out of memory"))}},
     {"waiting": {"sglang": ("ImagePullBackOff", 'Back-off pulling image "lmsysorg/sglang:nope"')}},
-    {"waiting": {"trainer": ("ErrImagePull", "manifest unknown")}},
+    {"waiting": {"trainer": ("ImagePullBackOff", "manifest unknown")}},
 ], indirect=True, ids=["sidecar-crash", "sidecar-image", "trainer-image"])
 def test_a_pod_that_cannot_start_is_reported_by_container(cluster):
     fake, client = cluster
@@ -365,6 +388,56 @@ def test_a_pod_unschedulable_past_the_grace_period_fails(cluster):
         _launch(client, [], pending_grace_s=0.2)
     assert 0.2 <= time.monotonic() - start < 2
     assert _deleted(fake) == [f"{NAME} Background"]
+
+
+@pytest.mark.parametrize("cluster", [{"waiting": {"trainer": ("ErrImagePull", "429 Too Many")}}],
+                         indirect=True)
+def test_a_first_failed_image_pull_is_waited_for(cluster):
+    """kubelet retries a pull (a registry's rate limit passes); only ImagePullBackOff is stuck."""
+    fake, client = cluster
+    with pytest.raises(LaunchError, match="did not finish within") as raised:
+        _launch(client, [], timeout_s=0.3)
+    assert not isinstance(raised.value, JobFailed)
+
+
+@pytest.mark.parametrize("cluster", [
+    {"refused": 'pods "grpo-run-1-x" is forbidden: exceeded quota: gpus, requested: '
+                'requests.nvidia.com/gpu=2, limited: requests.nvidia.com/gpu=1'}], indirect=True)
+def test_a_job_that_makes_no_pod_fails_with_the_reason_from_its_events(cluster):
+    fake, client = cluster
+    with pytest.raises(JobFailed, match=r"has made no pod in 0 s: FailedCreate: pods .* is "
+                                        r"forbidden: exceeded quota: gpus"):
+        _launch(client, [], pending_grace_s=0.2)
+    assert _deleted(fake) == [f"{NAME} Background"]
+
+
+@pytest.mark.parametrize("cluster", [{"read_errors": {2: 503, 3: 500, 5: 429}}], indirect=True)
+def test_a_briefly_unavailable_api_server_does_not_end_the_run(cluster):
+    fake, client = cluster
+    logged: list[str] = []
+    assert _launch(client, logged)["succeeded"]
+    assert _trainer_lines(logged) == list(LINES)
+    assert sum("the API server failed a read (HTTP 503" in x for x in logged) == 1
+
+
+@pytest.mark.parametrize("cluster", [{"read_errors": {2: 404}}], indirect=True)
+def test_a_job_deleted_by_someone_else_ends_the_launch_with_that_reason(cluster):
+    fake, client = cluster
+    with pytest.raises(LaunchError, match="was deleted while it ran"):
+        _launch(client, [], timeout_s=5)
+
+
+@pytest.mark.parametrize("cluster", [{"hang": True}], indirect=True)
+def test_a_silent_log_stream_is_opened_again_without_repeats(cluster, monkeypatch):
+    """A stream with nothing to read for FOLLOW_READ_S may be a dead connection: follow anew."""
+    fake, client = cluster
+    monkeypatch.setattr(launch, "FOLLOW_READ_S", 0.2)
+    logged: list[str] = []
+    with pytest.raises(LaunchError, match="did not finish within"):
+        _launch(client, logged, timeout_s=1.0)
+    assert fake.follows >= 2
+    assert _trainer_lines(logged) == list(LINES)
+    assert not any("ended early" in x for x in logged)  # silence is not news
 
 
 @pytest.mark.parametrize("cluster", [{"drop_after": 2}], indirect=True)
@@ -413,7 +486,8 @@ def test_rbac_lets_the_pipeline_runner_launch_jobs():
     rules = {(group, resource): set(rule["verbs"]) for rule in role["rules"]
              for group in rule["apiGroups"] for resource in rule["resources"]}
     assert rules == {("batch", "jobs"): {"create", "get", "list", "watch", "delete"},
-                     ("", "pods"): {"get", "list", "watch"}, ("", "pods/log"): {"get"}}
+                     ("", "pods"): {"get", "list", "watch"}, ("", "pods/log"): {"get"},
+                     ("", "events"): {"list"}}
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                                   "name": role["metadata"]["name"]}
     assert binding["subjects"] == [

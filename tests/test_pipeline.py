@@ -39,6 +39,7 @@ def test_yaml_loads_back_through_kfp_with_the_whole_dag():
     assert upstream("evaluate") == {"datagen", "grpo"} and upstream("evaluate-2") == {"datagen", "sft-2"}
     assert upstream("compare") == {"evaluate", "evaluate-2"}
     assert upstream("publish") >= {"grpo", "compare"}  # the published model is the GRPO one
+    assert tasks["grpo"]["retryPolicy"]["maxRetryCount"] == 2  # resumes from its checkpoint
     executors = spec["deploymentSpec"]["executors"]
     for task in GPU_TASKS:
         container = executors[tasks[task]["componentRef"]["name"].replace("comp-", "exec-")]["container"]

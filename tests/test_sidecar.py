@@ -24,20 +24,66 @@ def model_dir(tmp_path_factory):
     return model_lib.save(model_lib.build("tiny", seed=3), tmp_path_factory.mktemp("m") / "model")
 
 
+def _gone(pid: int, within_s: float = 5.0) -> bool:
+    """The process exits within `within_s` (a signal is delivered after kill() returns); a
+    zombie waiting for init to reap it counts as gone."""
+    import time
+
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            if open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except FileNotFoundError:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+def _pids_of(path) -> list[int]:
+    return [int(x) for x in path.read_text().split()]
+
+
 def test_a_server_that_never_answers_fails_with_its_log(tmp_path):
     sidecar = Sidecar(tmp_path, tmp_path / "server.log", kind="apr", startup_timeout_s=1.5)
-    sidecar.command = [sys.executable, "-c", "print('loading...', flush=True); "
-                       "import time; time.sleep(60)"]
+    sidecar.command = [sys.executable, "-c", f"import os, time; open({str(tmp_path / 'pid')!r}, "
+                       "'w').write(str(os.getpid())); print('loading...', flush=True); "
+                       "time.sleep(60)"]
     with pytest.raises(SidecarError, match=r"did not answer /health within 2 s[\s\S]*loading"):
         sidecar.start()
-    assert sidecar.process.poll() is not None  # and it was stopped
+    assert _gone(*_pids_of(tmp_path / "pid"))  # and it was stopped
 
 
-def test_a_server_that_exits_is_reported_with_its_exit_code(tmp_path):
+def test_a_server_that_exits_is_reported_and_its_children_stopped(tmp_path):
+    """SGLang's scheduler processes are the server's children: they must not outlive it."""
     sidecar = Sidecar(tmp_path, tmp_path / "server.log", kind="apr", startup_timeout_s=30)
-    sidecar.command = [sys.executable, "-c", "import sys; print('CUDA out of memory'); sys.exit(3)"]
+    sidecar.command = [sys.executable, "-c", (
+        "import subprocess, sys, time; child = subprocess.Popen(['sleep', '60']); "
+        f"open({str(tmp_path / 'pid')!r}, 'w').write(str(child.pid)); "
+        "print('CUDA out of memory', flush=True); time.sleep(0.5); sys.exit(3)")]
     with pytest.raises(SidecarError, match=r"exited with code 3[\s\S]*CUDA out of memory"):
         sidecar.start()
+    assert _gone(*_pids_of(tmp_path / "pid"))
+
+
+def test_an_interrupted_start_leaves_no_server(tmp_path, monkeypatch):
+    import apr.sidecar
+
+    sidecar = Sidecar(tmp_path, tmp_path / "server.log", kind="apr", startup_timeout_s=30)
+    sidecar.command = [sys.executable, "-c", f"import os, time; open({str(tmp_path / 'pid')!r}, "
+                       "'w').write(str(os.getpid())); time.sleep(60)"]
+    real_get = apr.sidecar.httpx.get
+
+    def interrupted(*args, **kwargs):  # Ctrl-C while waiting for the server's health
+        if (tmp_path / "pid").exists():
+            raise KeyboardInterrupt
+        return real_get(*args, **kwargs)
+
+    monkeypatch.setattr(apr.sidecar.httpx, "get", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sidecar.start()
+    assert _gone(*_pids_of(tmp_path / "pid"))
 
 
 def _row(prompt: str, token_ids: tuple[int, ...]) -> tuple[torch.Tensor, int]:

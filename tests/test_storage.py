@@ -82,3 +82,24 @@ def test_settings_come_from_the_environment_and_hide_secrets():
     assert "testing-secret-value" not in repr(s) and "testing-access" not in repr(s)
     with pytest.raises(InputError, match="S3_ENDPOINT"):
         S3Settings.from_env({})
+
+
+def test_an_unreachable_store_is_an_error_not_an_absent_artifact(monkeypatch):
+    from conftest import free_port
+
+    monkeypatch.setattr(storage.time, "sleep", lambda seconds: None)
+    dead = S3Settings(f"127.0.0.1:{free_port()}", False, "key", "secret", "us-east-1")
+    with pytest.raises(storage.StorageError) as caught:  # a resume must not start over
+        storage.is_complete("s3://artifacts/runs/1/data", dead)
+    assert not isinstance(caught.value, IncompleteArtifact)
+
+
+def test_a_manifest_naming_a_path_outside_the_artifact_is_refused(artifact, tmp_path):
+    published = tmp_path / "published"
+    storage.upload(artifact, published, None)
+    manifest = json.loads((published / storage.MANIFEST).read_text())
+    manifest["files"]["../escaped.txt"] = manifest["files"].pop("a.json")
+    (published / storage.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(storage.StorageError, match="outside the artifact"):
+        storage.download(published, tmp_path / "copy")
+    assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "copy").exists()

@@ -6,6 +6,6 @@ pipeline YAML and runs it in the stage's image, which holds the `apr` package an
 under `kfp.local`'s SubprocessRunner in this environment.
 """
 
+from apr.k8s import SGLANG_IMAGE, TRAIN_IMAGE  # noqa: F401  (re-exported for the components)
+
 APR_IMAGE = "ghcr.io/apr-on-kubernetes/apr:0.1.0"
-TRAIN_IMAGE = "ghcr.io/apr-on-kubernetes/apr-train:0.1.0"
-SGLANG_IMAGE = "lmsysorg/sglang:v0.5.23"  # the GRPO Job's rollout sidecar

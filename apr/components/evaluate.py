@@ -26,5 +26,4 @@ def evaluate(preset: str, mode: str, overrides: list, model: dsl.Input[dsl.Model
         metrics.log_metric(f"{name}_latency_s_mean", m["latency_s"].get("mean", 0))
         if "majority_accuracy" in m:
             metrics.log_metric(f"{name}_majority_accuracy", m["majority_accuracy"])
-    with open(report.path, "w") as f:
-        f.write(open(f"{results.path}/report.md").read())
+    shutil.copyfile(f"{results.path}/report.md", report.path)

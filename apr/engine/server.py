@@ -39,7 +39,8 @@ def sampling_from_json(params: dict[str, Any] | None) -> Sampling:
     if isinstance(stop, str):
         stop = [stop]
     try:
-        sampling = Sampling(max_new_tokens=int(params.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
+        limit = params.get("max_new_tokens")
+        sampling = Sampling(max_new_tokens=DEFAULT_MAX_NEW_TOKENS if limit is None else int(limit),
                             temperature=float(params.get("temperature", 1.0)),
                             top_p=float(params.get("top_p", 1.0)), stop=tuple(map(str, stop)))
     except (TypeError, ValueError) as e:
@@ -104,6 +105,8 @@ def create_app(engine: Engine, model_path: str, served_name: str = "apr") -> Fas
 
     @app.post(PAUSE_GENERATION)
     async def pause(_: dict = Body(default={})):
+        # Any `mode`: new work waits; a request already decoding finishes (SGLang's "abort"
+        # would end it instead; the GRPO loop pauses only when nothing is in flight).
         state["resumed"].clear()
         return {"message": "Generation paused successfully.", "status": "ok"}
 

@@ -14,6 +14,7 @@ speaks the same subset, built from the names below.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Sequence
 
 from apr.engine.base import ABORT, LENGTH, STOP, Completion, EngineError, Sampling
@@ -169,8 +170,13 @@ class SGLangEngine:
         await self._post(FLUSH_CACHE, {})
 
     async def update_weights_from_disk(self, model_path: str, weight_version: str) -> dict:
-        """SGLang's recommended order: pause, update (checking `success`), continue."""
-        await self._post(PAUSE_GENERATION, {})
+        """SGLang's recommended order: pause, update (checking `success`), continue.
+
+        "abort" (SGLang's default mode, said outright): a request still running would be
+        ended, never finished on other weights than it started with. The GRPO loop pauses
+        between steps, when nothing is in flight.
+        """
+        await self._post(PAUSE_GENERATION, {"mode": "abort"})
         try:
             response = await self._post(UPDATE_WEIGHTS_FROM_DISK, {
                 "model_path": model_path, "weight_version": weight_version})
@@ -180,9 +186,12 @@ class SGLangEngine:
                 body = {"success": False, "message": response.text[:300]}
             if response.status_code != 200 or not body.get("success"):
                 raise EngineError(f"weight update to {model_path} rejected: {body}")
-            return body
-        finally:
-            await self._post(CONTINUE_GENERATION, {})
+        except BaseException:
+            with contextlib.suppress(Exception):  # the update's error is the one to report
+                await self._post(CONTINUE_GENERATION, {})
+            raise
+        await self._post(CONTINUE_GENERATION, {})
+        return body
 
     async def close(self) -> None:
         await self._client.aclose()
