@@ -324,7 +324,9 @@ async def validate(engine, problems: list[dict], config: GRPOConfig, version: st
                                     for p in problems))
     check_version(solves, version)
     return {"val_accuracy": round(sum(s.correct for s in solves) / len(solves), 4),
-            "val_children": round(sum(s.children for s in solves) / len(solves), 3)}
+            "val_children": round(sum(s.children for s in solves) / len(solves), 3),
+            # which ones: two validations compare problem by problem, not only in total
+            "val_solved": [i for i, s in enumerate(solves) if s.correct]}
 
 
 # --- the run -----------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import time
@@ -89,6 +90,19 @@ def main() -> None:
               f"{statistics.mean(s['sync_s'] for s in steps):.3f} | "
               f"{statistics.mean(s['generated_tokens'] for s in steps):.0f} |")
     print(f"\nvalidation accuracy {result.initial_val_accuracy} -> {result.val_accuracy}")
+    vals = [r for r in records if "val_solved" in r]
+    if len(vals) > 1:
+        print(paired(set(vals[0]["val_solved"]), set(vals[-1]["val_solved"]), vals[-1]["step"]))
+
+
+def paired(before: set[int], after: set[int], step: int) -> str:
+    """The same validation problems before GRPO and after `step`: how many each solved that
+    the other did not, and the two-sided sign test on those (exact binomial, p = 1/2)."""
+    gained, lost = len(after - before), len(before - after)
+    n, k = gained + lost, min(gained, lost)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+    return (f"same problems, step 0 -> step {step}: solved by both {len(before & after)}, "
+            f"only after GRPO {gained}, only before {lost} (sign test p = {p:.3g})")
 
 
 if __name__ == "__main__":

@@ -119,7 +119,10 @@ def test_a_run_trains_syncs_every_step_and_resumes_exactly(setup, tmp_path):
                 "sync_s"} <= set(r)
         assert r["kl"] > 0 and 0 <= r["clipped_fraction"] <= 1
     assert steps[0]["kl"] < steps[-1]["kl"]  # the policy moves away from the reference
-    assert [r["step"] for r in records if "val_accuracy" in r] == [0, 2, 3]
+    vals = [r for r in records if "val_accuracy" in r]
+    assert [r["step"] for r in vals] == [0, 2, 3]
+    for r in vals:  # which problems were solved, to compare validations problem by problem
+        assert r["val_accuracy"] == round(len(r["val_solved"]) / CONFIG["val_problems"], 4)
     rollouts = read_jsonl(tmp_path / "straight" / "rollouts.jsonl")
     assert [r["weight_version"] for r in rollouts] == ["0"] * 4 + ["1"] * 4 + ["2"] * 4
     assert straight.steps == 3 and (straight.model_dir / "model.safetensors").is_file()
