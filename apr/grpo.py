@@ -127,7 +127,8 @@ def clipped_policy_loss(logp, old_logp, advantages, mask, clip: float = 0.2, wei
     policy and the one that sampled, and 1 on generated tokens. advantages: (B,) one per row
     (a row is one thread; every thread of a rollout gets the rollout's advantage). weights:
     (B,) each row's weight per token (`Rows.token_weights`); by default the loss is the mean
-    over the masked tokens. Returns (loss, the same weighting of tokens whose ratio was clipped).
+    over the masked tokens. Returns (loss, the share of that weight on tokens whose ratio was
+    clipped: the fraction of clipped tokens when every token weighs the same).
     """
     ratio = (logp - old_logp).exp()
     adv = advantages[:, None]

@@ -73,6 +73,9 @@ def launch_job(manifest: dict, *, timeout_s: float = 0, poll_s: float = 5.0,
 
     if api_client is None:
         load_kube_config()
+        settings = client.Configuration.get_default_copy()
+        settings.retries = False  # urllib3 would retry a timed-out read 3 times, unseen
+        api_client = client.ApiClient(settings)
     batch, core = client.BatchV1Api(api_client), client.CoreV1Api(api_client)
     name = manifest["metadata"]["name"]
     namespace = manifest["metadata"].get("namespace", "default")
@@ -139,10 +142,8 @@ def _create(batch: Any, manifest: dict, deadline: _Deadline, poll_s: float, log:
             if e.status != 409:
                 raise
         log(f"launcher: Job {namespace}/{name} already exists (a retried step?): replacing it")
-        # Foreground: the old Job stays listed until its pod is gone, so the new one never
-        # shares GPUs or checkpoint slots with a trainer still shutting down.
         batch.delete_namespaced_job(name, namespace, propagation_policy="Foreground",
-                                    _request_timeout=REQUEST_TIMEOUT)
+                                    _request_timeout=REQUEST_TIMEOUT)  # see _delete
         gone = _Deadline(f"deleting the earlier Job {namespace}/{name}", GONE_WAIT_S)
         while _exists(batch, name, namespace):
             deadline.check()
@@ -167,12 +168,16 @@ def _exists(batch: Any, name: str, namespace: str) -> bool:
 
 def _delete(batch: Any, name: str, namespace: str, log: Callable) -> None:
     """Deletes the Job and its pod; a failure is logged, not raised, so it cannot hide why the
-    run ended (a finished Job still goes after ttlSecondsAfterFinished)."""
+    run ended (a finished Job still goes after ttlSecondsAfterFinished).
+
+    Foreground: the Job stays listed until its pod has gone, so a retried step (same name)
+    waits for it and never shares GPUs or checkpoint slots with a trainer still stopping.
+    """
     from kubernetes.client.exceptions import ApiException
     from urllib3.exceptions import HTTPError
 
     try:
-        batch.delete_namespaced_job(name, namespace, propagation_policy="Background",
+        batch.delete_namespaced_job(name, namespace, propagation_policy="Foreground",
                                     _request_timeout=REQUEST_TIMEOUT)
         log(f"launcher: deleted Job {namespace}/{name}")
     except ApiException as e:
@@ -246,6 +251,9 @@ class _Watch:
             # The Job before the pod: a finished Job's pod then shows the trainer's final state,
             # and its log is drained before this returns.
             job = self._api(self.batch.read_namespaced_job, self.name, self.namespace)
+            if job.metadata.deletion_timestamp is not None:
+                raise LaunchError(f"{self.what} is being deleted (by someone else: kubectl "
+                                  "delete, or a namespace clean-up)")
             pod = self._pod()
             if pod is not None and not self.logs_done and _started(pod, TRAINER):
                 pod = self._follow(pod)
@@ -257,6 +265,8 @@ class _Watch:
                 raise JobFailed(self._report(f"{self.what} failed: {why or 'no reason given'}", pod))
             if pod is not None:
                 self._check_stuck(pod)
+            elif job.spec.suspend:
+                self.podless_since = None  # held by a queue (Kueue): no pod is expected yet
             else:
                 self._check_podless()
             self.deadline.check()
@@ -287,7 +297,7 @@ class _Watch:
         never repeated).
         """
         from kubernetes.client.exceptions import ApiException
-        from urllib3.exceptions import HTTPError, ReadTimeoutError
+        from urllib3.exceptions import HTTPError, MaxRetryError, ReadTimeoutError
 
         left = self.deadline.left()
         read_s = FOLLOW_READ_S if left is None else max(min(left, FOLLOW_READ_S), 0.01)
@@ -309,8 +319,9 @@ class _Watch:
             finally:
                 stream.close()
                 stream.release_conn()
-        except ReadTimeoutError:
-            silent = True  # a quiet trainer, or a dead connection: check the Job, then follow again
+        except (ReadTimeoutError, MaxRetryError) as e:
+            # a quiet trainer, or a dead connection: check the Job, then follow again
+            silent = isinstance(e, ReadTimeoutError) or isinstance(e.reason, ReadTimeoutError)
         except (ApiException, HTTPError):
             pass  # a refused or broken stream: polled and followed again like an early end
         fresh = self._pod()

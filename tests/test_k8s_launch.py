@@ -46,6 +46,8 @@ class Script:
     delete_reads: int = 2  # reads a deleted Job still answers before it is gone
     read_errors: dict[int, int] = field(default_factory=dict)  # Job read number: HTTP status
     refused: str | None = None  # no pod is ever made; the event that says why
+    suspended: bool = False  # held by a queue: spec.suspend, and no pod
+    deleted_at: int | None = None  # from this Job read on, someone else is deleting it
 
 
 def _status_error(code: int, reason: str, message: str) -> JSONResponse:
@@ -124,7 +126,7 @@ class FakeCluster:
     def pods(self) -> list[dict]:
         pods = [self.old_pod] if self.old_pod else []
         if self.job is None or self.deleting or self.reads < self.script.pod_after \
-                or self.script.refused:
+                or self.script.refused or self.script.suspended:
             return pods
         s, uid = self.script, self.job["metadata"]["uid"]
         if s.unschedulable:
@@ -197,6 +199,11 @@ def fake_api(current: dict[str, FakeCluster]) -> FastAPI:
         job = cluster.read_job()
         if job is None:
             return _status_error(404, "NotFound", f'jobs.batch "{name}" not found')
+        if cluster.script.suspended:
+            job = {**job, "spec": {**job["spec"], "suspend": True}}
+        if cluster.script.deleted_at and cluster.job_gets >= cluster.script.deleted_at:
+            job = {**job, "metadata": {**job["metadata"],
+                                       "deletionTimestamp": "2026-01-01T00:00:09Z"}}
         return job
 
     @app.delete(jobs + "/{name}")
@@ -301,7 +308,7 @@ def test_a_completed_job_streams_the_trainer_log_in_order_and_is_deleted(cluster
     assert (summary["name"], summary["namespace"]) == (NAME, NS)
     assert _trainer_lines(logged) == list(LINES)  # once each, in order, JSON lines as text
     assert fake.follows == 1  # one stream, to the end: no re-reading of the log
-    assert _deleted(fake) == [f"{NAME} Background"] and fake.calls[-1][0] == "delete"
+    assert _deleted(fake) == [f"{NAME} Foreground"] and fake.calls[-1][0] == "delete"
 
 
 def test_the_launcher_needs_only_what_its_role_grants(cluster):
@@ -323,7 +330,7 @@ def test_a_failed_job_raises_with_the_reason_and_the_log_tail_and_is_deleted(clu
     assert "container trainer exited with code 1 (Error)" in message
     assert message.endswith("\n".join(LINES)) and "lines of trainer" in message
     assert _trainer_lines(logged) == list(LINES)
-    assert _deleted(fake) == [f"{NAME} Background"]
+    assert _deleted(fake) == [f"{NAME} Foreground"]
 
 
 @pytest.mark.parametrize("cluster", [{"existing": True, "pod_after": 2}], indirect=True)
@@ -334,7 +341,7 @@ def test_a_job_left_by_an_earlier_try_is_replaced(cluster):
     creates = [c for c in fake.calls if c[0] == "create"]
     assert len(creates) == 2  # refused (409), then created once the old Job had gone
     # Foreground: the old Job is listed until its pod has gone, and the new one waits for that
-    assert _deleted(fake) == [f"{NAME} Foreground", f"{NAME} Background"]
+    assert _deleted(fake) == [f"{NAME} Foreground", f"{NAME} Foreground"]
     first_delete = fake.calls.index(("delete", "jobs", f"{NAME} Foreground"))
     assert fake.calls[first_delete + 1:].index(creates[1]) == fake.script.delete_reads
     # The old Job's finished pod was still listed: only the new Job's pod was followed.
@@ -351,7 +358,7 @@ def test_a_timeout_raises_and_deletes_the_job_even_while_following_the_log(clust
     assert not isinstance(raised.value, JobFailed)
     assert time.monotonic() - start < 2.5
     assert _trainer_lines(logged) == list(LINES)  # the lines before the hang were shown
-    assert _deleted(fake) == [f"{NAME} Background"]
+    assert _deleted(fake) == [f"{NAME} Foreground"]
     assert fake.created["spec"]["activeDeadlineSeconds"] == 1  # the cluster ends it too
 
 
@@ -375,7 +382,7 @@ def test_a_pod_that_cannot_start_is_reported_by_container(cluster):
     else:
         [(container, (reason, why))] = fake.script.waiting.items()
         assert f"container {container} is in {reason}: {why}" in message
-    assert _deleted(fake) == [f"{NAME} Background"]
+    assert _deleted(fake) == [f"{NAME} Foreground"]
 
 
 @pytest.mark.parametrize("cluster", [
@@ -387,7 +394,7 @@ def test_a_pod_unschedulable_past_the_grace_period_fails(cluster):
                                         r"0/3 nodes are available: 3 Insufficient nvidia\.com/gpu"):
         _launch(client, [], pending_grace_s=0.2)
     assert 0.2 <= time.monotonic() - start < 2
-    assert _deleted(fake) == [f"{NAME} Background"]
+    assert _deleted(fake) == [f"{NAME} Foreground"]
 
 
 @pytest.mark.parametrize("cluster", [{"waiting": {"trainer": ("ErrImagePull", "429 Too Many")}}],
@@ -395,9 +402,11 @@ def test_a_pod_unschedulable_past_the_grace_period_fails(cluster):
 def test_a_first_failed_image_pull_is_waited_for(cluster):
     """kubelet retries a pull (a registry's rate limit passes); only ImagePullBackOff is stuck."""
     fake, client = cluster
+    logged: list[str] = []
     with pytest.raises(LaunchError, match="did not finish within") as raised:
-        _launch(client, [], timeout_s=0.3)
+        _launch(client, logged, timeout_s=0.5)
     assert not isinstance(raised.value, JobFailed)
+    assert any(x.startswith("launcher: pod ") for x in logged)  # it saw the pull failing
 
 
 @pytest.mark.parametrize("cluster", [
@@ -405,10 +414,25 @@ def test_a_first_failed_image_pull_is_waited_for(cluster):
                 'requests.nvidia.com/gpu=2, limited: requests.nvidia.com/gpu=1'}], indirect=True)
 def test_a_job_that_makes_no_pod_fails_with_the_reason_from_its_events(cluster):
     fake, client = cluster
-    with pytest.raises(JobFailed, match=r"has made no pod in 0 s: FailedCreate: pods .* is "
+    with pytest.raises(JobFailed, match=r"has made no pod in \d+ s: FailedCreate: pods .* is "
                                         r"forbidden: exceeded quota: gpus"):
         _launch(client, [], pending_grace_s=0.2)
-    assert _deleted(fake) == [f"{NAME} Background"]
+    assert _deleted(fake) == [f"{NAME} Foreground"]
+
+
+@pytest.mark.parametrize("cluster", [{"suspended": True}], indirect=True)
+def test_a_job_held_by_a_queue_is_waited_for_not_failed(cluster):
+    fake, client = cluster
+    with pytest.raises(LaunchError, match="did not finish within") as raised:
+        _launch(client, [], pending_grace_s=0.05, timeout_s=0.5)
+    assert not isinstance(raised.value, JobFailed)
+
+
+@pytest.mark.parametrize("cluster", [{"deleted_at": 3}], indirect=True)
+def test_a_job_someone_else_is_deleting_ends_the_launch_with_that_reason(cluster):
+    fake, client = cluster
+    with pytest.raises(LaunchError, match="is being deleted"):
+        _launch(client, [], timeout_s=5)
 
 
 @pytest.mark.parametrize("cluster", [{"read_errors": {2: 503, 3: 500, 5: 429}}], indirect=True)
@@ -434,7 +458,7 @@ def test_a_silent_log_stream_is_opened_again_without_repeats(cluster, monkeypatc
     monkeypatch.setattr(launch, "FOLLOW_READ_S", 0.2)
     logged: list[str] = []
     with pytest.raises(LaunchError, match="did not finish within"):
-        _launch(client, logged, timeout_s=1.0)
+        _launch(client, logged, timeout_s=2.0)
     assert fake.follows >= 2
     assert _trainer_lines(logged) == list(LINES)
     assert not any("ended early" in x for x in logged)  # silence is not news
@@ -476,7 +500,7 @@ def test_an_interrupted_launch_still_deletes_the_job(cluster, interrupt):
         assert signal.getsignal(signal.SIGTERM) is guard  # the launcher put the handler back
     finally:
         signal.signal(signal.SIGTERM, previous)
-    assert _deleted(fake) == [f"{NAME} Background"]
+    assert _deleted(fake) == [f"{NAME} Foreground"]
 
 
 def test_rbac_lets_the_pipeline_runner_launch_jobs():
