@@ -83,8 +83,13 @@ class Sequences:
         return self.tokens[self.offsets[i]:self.offsets[i + 1]]
 
     @property
+    def target_lengths(self) -> np.ndarray:
+        """Tokens of each sequence that carry loss (text and EOS)."""
+        return self.lengths - self.prompt_lengths
+
+    @property
     def target_tokens(self) -> int:
-        return int(self.lengths.sum() - self.prompt_lengths.sum())
+        return int(self.target_lengths.sum())
 
     def save(self, path: str | Path) -> None:
         path = Path(path)

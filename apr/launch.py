@@ -30,6 +30,7 @@ API_RETRY_S = 300.0  # how long the API server may answer 5xx / 429 or not at al
 FOLLOW_READ_S = 300.0  # a log stream silent this long is opened again (a half-open connection)
 REQUEST_TIMEOUT = (30.0, 60.0)  # connect, read: every call but the log stream
 print_now = functools.partial(print, flush=True)  # a pod's stdout is a pipe: no buffering
+BY_SOMEONE_ELSE = "by someone else: kubectl delete, or a namespace clean-up"
 
 
 class LaunchError(RuntimeError):
@@ -83,10 +84,8 @@ def launch_job(manifest: dict, *, timeout_s: float = 0, poll_s: float = 5.0,
     if timeout_s > 0:
         manifest = {**manifest, "spec": {**manifest["spec"],
                                          "activeDeadlineSeconds": math.ceil(timeout_s)}}
-    created = False
     with sigterm_as_exit():
-        try:
-            created = True  # from the call on: an interrupted create may still have made it
+        try:  # the finally deletes even after a failed create: an interrupted one may have made it
             job = _create(batch, manifest, deadline, poll_s, log)
             log(f"launcher: created Job {namespace}/{name}")
             _Watch(batch, core, job, log, deadline, poll_s, pending_grace_s).run()
@@ -94,7 +93,7 @@ def launch_job(manifest: dict, *, timeout_s: float = 0, poll_s: float = 5.0,
             log(f"launcher: Job {namespace}/{name} succeeded after {seconds:g} s")
             return {"name": name, "namespace": namespace, "seconds": seconds, "succeeded": True}
         finally:
-            if created and not keep:
+            if not keep:
                 _delete(batch, name, namespace, log)
 
 
@@ -252,8 +251,7 @@ class _Watch:
             # and its log is drained before this returns.
             job = self._api(self.batch.read_namespaced_job, self.name, self.namespace)
             if job.metadata.deletion_timestamp is not None:
-                raise LaunchError(f"{self.what} is being deleted (by someone else: kubectl "
-                                  "delete, or a namespace clean-up)")
+                raise LaunchError(f"{self.what} is being deleted ({BY_SOMEONE_ELSE})")
             pod = self._pod()
             if pod is not None and not self.logs_done and _started(pod, TRAINER):
                 pod = self._follow(pod)
@@ -343,8 +341,8 @@ class _Watch:
                 return call(*args, _request_timeout=REQUEST_TIMEOUT, **kwargs)
             except ApiException as e:
                 if e.status == 404:
-                    raise LaunchError(f"{self.what} was deleted while it ran (by someone else: "
-                                      "kubectl delete, or a namespace clean-up)") from e
+                    raise LaunchError(f"{self.what} was deleted while it ran "
+                                      f"({BY_SOMEONE_ELSE})") from e
                 if e.status != 429 and e.status < 500 or time.monotonic() > give_up:
                     raise _api_error(f"watching {self.what}", e) from e
                 why = f"HTTP {e.status} {e.reason}"

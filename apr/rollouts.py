@@ -82,7 +82,7 @@ class Rows:
         """Each row's weight per trained token; over a step they sum to 1. "token": every
         token weighs the same (long rollouts weigh more); "rollout": each rollout's tokens
         share an equal part, so a long failed rollout counts no more than a short success."""
-        targets = (self.sequences.lengths - self.sequences.prompt_lengths).astype(np.float64)
+        targets = self.sequences.target_lengths.astype(np.float64)
         if average == "token":
             return np.full(len(targets), 1.0 / max(1.0, targets.sum()))
         per_rollout = np.bincount(self.rollouts, weights=targets)

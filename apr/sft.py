@@ -320,6 +320,7 @@ def run(config: SFTConfig, data: str | Path, out: str | Path, resume: bool = Fal
         trained = DDP(trained, device_ids=[device.index] if device.type == "cuda" else None)
 
     flops = flops_per_token(model, config.context)
+    train_targets = train.target_lengths  # once: `lengths` is computed from the offsets
     log = open(out / "metrics.jsonl", "a") if dist_info.main else None
     bar = tqdm(total=total_steps, initial=state["step"], desc="sft", unit="step",
                disable=not (progress and dist_info.main), file=sys.stderr, dynamic_ncols=True)
@@ -344,7 +345,7 @@ def run(config: SFTConfig, data: str | Path, out: str | Path, resume: bool = Fal
         first = step * micro_per_step
         batches = [micro_batch(first + k) for k in range(micro_per_step)]
         mine = batches[dist_info.rank::dist_info.world]
-        step_targets = sum(int((train.lengths[b] - train.prompt_lengths[b]).sum()) for b in batches)
+        step_targets = sum(int(train_targets[b].sum()) for b in batches)
         loss_sum = 0.0
         for k, indices in enumerate(mine):
             ids, mask, positions = tensors(layout(config).collate(train, indices, pad_id), device)

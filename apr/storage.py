@@ -37,6 +37,7 @@ class StorageError(RuntimeError):
 
 
 MISSING = ("NoSuchKey", "NoSuchBucket")  # S3 codes that mean the object is not there
+PERMANENT = (*MISSING, "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch")  # no retry
 
 
 class IncompleteArtifact(StorageError):
@@ -112,8 +113,7 @@ def retry(action: Callable[[], T], what: str, attempts: int = 5, base_delay: flo
         try:
             return action()
         except S3Error as e:
-            if e.code in ("NoSuchKey", "NoSuchBucket", "AccessDenied", "InvalidAccessKeyId",
-                          "SignatureDoesNotMatch") or attempt == attempts - 1:
+            if e.code in PERMANENT or attempt == attempts - 1:
                 raise StorageError(f"{what}: {e.code}: {e.message}", e.code) from e
         except (HTTPError, OSError) as e:
             if attempt == attempts - 1:
@@ -203,7 +203,8 @@ def download(uri: str | Path, local: str | Path, settings: S3Settings | None = N
         client = settings.client()
         bucket, prefix = split_uri(str(uri))
     for relative, expected in manifest["files"].items():
-        if PurePosixPath(relative).is_absolute() or ".." in PurePosixPath(relative).parts:
+        path = PurePosixPath(relative)
+        if path.is_absolute() or ".." in path.parts:
             shutil.rmtree(partial)
             raise StorageError(f"{uri}/{MANIFEST} names {relative!r}, a path outside the "
                                "artifact: refusing to write it")

@@ -91,8 +91,8 @@ def main() -> None:
               f"{statistics.mean(s['generated_tokens'] for s in steps):.0f} |")
     print(f"\nvalidation accuracy {result.initial_val_accuracy} -> {result.val_accuracy}")
     vals = [r for r in records if "val_solved" in r]
-    if len(vals) > 1:
-        print(paired(set(vals[0]["val_solved"]), set(vals[-1]["val_solved"]), vals[-1]["step"]))
+    for later in vals[1:]:
+        print(paired(set(vals[0]["val_solved"]), set(later["val_solved"]), later["step"]))
 
 
 def paired(before: set[int], after: set[int], step: int) -> str:

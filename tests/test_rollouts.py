@@ -56,7 +56,7 @@ def test_token_weights_sum_to_one_and_rollout_averaging_weighs_each_rollout_equa
     import numpy as np
 
     rows = training_rows(rollouts, [0.5, -0.5, 1.0, 0.0, 0.0, -1.0])
-    targets = rows.sequences.lengths - rows.sequences.prompt_lengths
+    targets = rows.sequences.target_lengths
     flat = rows.token_weights("token")
     assert np.allclose(flat, 1.0 / targets.sum())
     equal = rows.token_weights("rollout")

@@ -41,8 +41,8 @@ def _gone(pid: int, within_s: float = 5.0) -> bool:
         time.sleep(0.05)
 
 
-def _pids_of(path) -> list[int]:
-    return [int(x) for x in path.read_text().split()]
+def _pid_in(path) -> int:
+    return int(path.read_text())
 
 
 def test_a_server_that_never_answers_fails_with_its_log(tmp_path):
@@ -52,7 +52,7 @@ def test_a_server_that_never_answers_fails_with_its_log(tmp_path):
                        "time.sleep(60)"]
     with pytest.raises(SidecarError, match=r"did not answer /health within 2 s[\s\S]*loading"):
         sidecar.start()
-    assert _gone(*_pids_of(tmp_path / "pid"))  # and it was stopped
+    assert _gone(_pid_in(tmp_path / "pid"))  # and it was stopped
 
 
 def test_a_server_that_exits_is_reported_and_its_children_stopped(tmp_path):
@@ -64,7 +64,7 @@ def test_a_server_that_exits_is_reported_and_its_children_stopped(tmp_path):
         "print('CUDA out of memory', flush=True); time.sleep(0.5); sys.exit(3)")]
     with pytest.raises(SidecarError, match=r"exited with code 3[\s\S]*CUDA out of memory"):
         sidecar.start()
-    assert _gone(*_pids_of(tmp_path / "pid"))
+    assert _gone(_pid_in(tmp_path / "pid"))
 
 
 def test_an_interrupted_start_leaves_no_server(tmp_path, monkeypatch):
@@ -83,7 +83,7 @@ def test_an_interrupted_start_leaves_no_server(tmp_path, monkeypatch):
     monkeypatch.setattr(apr.sidecar.httpx, "get", interrupted)
     with pytest.raises(KeyboardInterrupt):
         sidecar.start()
-    assert _gone(*_pids_of(tmp_path / "pid"))
+    assert _gone(_pid_in(tmp_path / "pid"))
 
 
 def _row(prompt: str, token_ids: tuple[int, ...]) -> tuple[torch.Tensor, int]:
