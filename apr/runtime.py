@@ -19,8 +19,8 @@ from typing import Sequence
 from apr.countdown.search import ROOT_ID
 from apr.countdown.trace import (
     SPAWN_END, SPAWN_START, SUB_CALL_BUDGET, TOKEN_BUDGET, Budget, Event, Generated, Goal,
-    JoinEnd, JoinGoal, JoinNoSolution, JoinStart, Move, Operation, SpawnChild, SpawnEnd,
-    SpawnStart, State, apply, parse, render, solution_path, verify,
+    JoinEnd, JoinGoal, JoinNoSolution, JoinStart, Move, SpawnChild, SpawnEnd,
+    SpawnStart, State, parse, render, solution_path, verify,
 )
 from apr.engine.base import LENGTH, STOP, Completion, Engine, Sampling
 from apr.tokenizer import count_tokens
@@ -146,20 +146,14 @@ def generated_nodes(events: Sequence[Event]) -> dict[str, tuple[State, State]]:
     return nodes
 
 
-def consistent(parent: State, child: State) -> bool:
-    """Whether the child's numbers are the parent's with its last operation applied."""
-    op: Operation = child.operations[-1]
-    pool = list(parent.nums)
-    for operand in (op.left, op.right):
-        if operand not in pool:
-            return False
-        pool.remove(operand)
-    return apply(op.symbol, op.left, op.right) == op.result and \
-        sorted(pool + [op.result]) == sorted(child.nums)
+def spawned_children(parent_text: str) -> list[tuple[int, str, State | None]]:
+    """The children the parent's last spawn block asks for: (index, node id, start state).
 
-
-def spawned_children(parent_text: str) -> list[tuple[int, str, State]]:
-    """The children the parent's last spawn block asks for: (index, node id, start state)."""
+    The start state is the node as the parent wrote it, even when its numbers do not follow
+    from its operation: the child runs from it and the verifier judges the final path (as
+    in the paper's runtime, where a child is given what its parent wrote). A node the parent
+    never generated has no state to start from (None): it joins as "No Solution".
+    """
     parsed = parse(parent_text)
     if parsed.failure is not None:
         raise Malformed("malformed_output")
@@ -173,15 +167,7 @@ def spawned_children(parent_text: str) -> list[tuple[int, str, State]]:
     if any(type(e) is not SpawnChild for e in block):
         raise Malformed("malformed_spawn")
     nodes = generated_nodes(events[:starts[-1]])
-    children = []
-    for e in block:
-        if e.node not in nodes:
-            raise Malformed("unknown_node")
-        parent, state = nodes[e.node]
-        if not consistent(parent, state):
-            raise Malformed("inconsistent_node")
-        children.append((e.index, e.node, state))
-    return children
+    return [(e.index, e.node, nodes[e.node][1] if e.node in nodes else None) for e in block]
 
 
 def child_outcome(prompt: str, text: str) -> list[Event] | None:
@@ -228,30 +214,32 @@ async def solve_apr(engine: Engine, nums: Sequence[int], target: int,
         except Malformed as e:
             solve.failure = e.kind
             return _timed(solve, started)
-        runnable = children[:budgets.children_per_spawn or None]
-        prompts = [render([Move(node), state]) for _, node, state in runnable]
-        rooms = [budgets.context - prompt_length(p) for p in prompts]
-        outs = await engine.generate(prompts, Sampling(max(1, min(rooms)), temperature,
-                                                       logprobs=logprobs))
-        solve.engine_calls += 1
+        allowed = children[:budgets.children_per_spawn or None]  # the rest join unrun
+        runnable = [k for k, (_, _, state) in enumerate(allowed) if state is not None]
+        prompts = [render([Move(children[k][1]), children[k][2]]) for k in runnable]
+        paths: dict[int, list[Event] | None] = {}
+        if prompts:
+            rooms = [budgets.context - prompt_length(p) for p in prompts]
+            outs = await engine.generate(prompts, Sampling(max(1, min(rooms)), temperature,
+                                                           logprobs=logprobs))
+            solve.engine_calls += 1
+            solve.tokens_sequential += max(o.completion_tokens for o in outs)
+            for k, prompt, out_k in zip(runnable, prompts, outs):
+                solve.threads.append(ThreadRun.of("child", prompt, out_k, spawn,
+                                                  children[k][0]))
+                _account(solve, out_k.prompt_tokens, out_k.completion_tokens, sequential=False)
+                solve.tokens_total += out_k.prompt_tokens - 1  # the runtime wrote the prompt
+                paths[k] = child_outcome(prompt, out_k.text)
         solve.children += len(runnable)
         join: list[Event] = [JoinStart()]
         for k, (index, node, _) in enumerate(children):
-            path = None
-            if k < len(runnable):
-                out_k = outs[k]
-                solve.threads.append(ThreadRun.of("child", prompts[k], out_k, spawn, index))
-                _account(solve, out_k.prompt_tokens, out_k.completion_tokens, sequential=False)
-                solve.tokens_total += out_k.prompt_tokens - 1  # the runtime wrote the prompt
-                path = child_outcome(prompts[k], out_k.text)
+            path = paths.get(k)
             if path is not None:
                 join.append(JoinGoal(index, 1, node))
                 join.extend(path)
             else:
                 join.append(JoinNoSolution(index, 1, node))
         join.append(JoinEnd())
-        if outs:
-            solve.tokens_sequential += max(o.completion_tokens for o in outs)
         full = context + text
         joined = render(join)
         solve.tokens_total += count_tokens(joined)

@@ -142,13 +142,7 @@ PARENT = ("Exploring Operation: 3+4=7, Resulting Numbers: [1, 2, 7]\n"
 
 @pytest.mark.parametrize("text, kind", [
     (PARENT + "Exploring Operation: 3+4=", "malformed_output"),  # cut mid-line, then spawn
-    (PARENT + "<Calling Sub Searches>\n<Start Sub Search 0 at level 1> Moving to Node #0,7\n"
-     "<End Calling Sub Searches>", "unknown_node"),
     (PARENT + "<Calling Sub Searches>\n<End Calling Sub Searches>", "empty_spawn"),
-    ("Exploring Operation: 3+4=7, Resulting Numbers: [1, 2, 7]\n"
-     "Generated Node #0,0: 24:[1, 9, 7] Operation: 3+4=7\n<Calling Sub Searches>\n"
-     "<Start Sub Search 0 at level 1> Moving to Node #0,0\n<End Calling Sub Searches>",
-     "inconsistent_node"),  # numbers not in the state
 ])
 def test_malformed_spawns_fail_the_problem_cleanly(text, kind):
     if kind == "malformed_output":
@@ -175,20 +169,60 @@ def test_model_claims_of_success_are_not_trusted():
 def test_a_malformed_child_joins_as_no_solution():
     spawn = PARENT + ("<Calling Sub Searches>\n<Start Sub Search 0 at level 1> Moving to Node #0,0\n"
                       "<Start Sub Search 1 at level 1> Moving to Node #0,1\n<End Calling Sub Searches>")
-    seen = []
-
-    class Capture(Scripted):
-        async def generate(self, prompts, sampling):
-            seen.append(list(prompts))
-            return await super().generate(prompts, sampling)
-
     engine = Capture([spawn, "garbage\n", "Exploring Operation: 7", "No solution found.\n"])
     solve = run(solve_apr(engine, [1, 2, 3, 4], 24))
+    seen = engine.seen
     assert seen[1] == ["Moving to Node #0,0\nCurrent State: 24:[1, 2, 7], Operations: ['3+4=7']\n",
                        "Moving to Node #0,1\nCurrent State: 24:[3, 4, 2], Operations: ['1*2=2']\n"]
     assert "<No Solution in Sub Search 0 at level 1 at Node #0,0>\n" in seen[2][0]
     assert "<No Solution in Sub Search 1 at level 1 at Node #0,1>\n<End Sub Searches>\n" in seen[2][0]
     assert solve.children == 2 and solve.failure == "no_solution"
+
+
+class Capture(Scripted):
+    """A scripted engine that also keeps the prompts of every call."""
+
+    def __init__(self, texts):
+        super().__init__(texts)
+        self.seen = []
+
+    async def generate(self, prompts, sampling):
+        self.seen.append(list(prompts))
+        return await super().generate(prompts, sampling)
+
+
+def test_a_node_the_parent_never_generated_joins_as_no_solution_and_the_parent_goes_on():
+    spawn = PARENT + ("<Calling Sub Searches>\n<Start Sub Search 0 at level 1> Moving to Node #0,7\n"
+                      "<Start Sub Search 1 at level 1> Moving to Node #0,1\n<End Calling Sub Searches>")
+    engine = Capture([spawn, "No solution found.\n", "No solution found.\n"])
+    solve = run(solve_apr(engine, [1, 2, 3, 4], 24))
+    assert engine.seen[1] == ["Moving to Node #0,1\nCurrent State: 24:[3, 4, 2], "
+                              "Operations: ['1*2=2']\n"]  # only the node that exists runs
+    assert "<No Solution in Sub Search 0 at level 1 at Node #0,7>\n" in engine.seen[2][0]
+    assert solve.children == 1 and solve.failure == "no_solution"
+
+
+def test_a_child_runs_from_the_node_as_written_and_the_verifier_judges_its_path():
+    # 4+5=9 leaves [15, 9]; the parent wrote [16, 8], and its child reaches 24 from there
+    parent = ("Exploring Operation: 4+5=9, Resulting Numbers: [15, 9]\n"
+              "Generated Node #0,0: 24:[16, 8] Operation: 4+5=9\n<Calling Sub Searches>\n"
+              "<Start Sub Search 0 at level 1> Moving to Node #0,0\n<End Calling Sub Searches>")
+    reach = ("Exploring Operation: 16+8=24, Resulting Numbers: [24]\n"
+             "24,24 equal: Goal Reached\n")
+    child = reach + ("Moving to Node #0,0\nCurrent State: 24:[16, 8], Operations: ['4+5=9']\n"
+                     + reach)
+    final = reach + ("Moving to Node #0\nCurrent State: 24:[15, 4, 5], Operations: []\n"
+                     "Exploring Operation: 4+5=9, Resulting Numbers: [15, 9]\n"
+                     "Generated Node #0,0: 24:[16, 8] Operation: 4+5=9\n"
+                     "Moving to Node #0,0\nCurrent State: 24:[16, 8], Operations: ['4+5=9']\n"
+                     + reach)
+    engine = Capture([parent, child, final])
+    solve = run(solve_apr(engine, [15, 4, 5], 24))
+    assert engine.seen[1] == ["Moving to Node #0,0\nCurrent State: 24:[16, 8], "
+                              "Operations: ['4+5=9']\n"]
+    assert "<Goal Reached in Sub Search 0 at level 1 at Node #0,0>\n" in engine.seen[2][0]
+    assert solve.children == 1 and solve.solution == ["4+5=9", "16+8=24"]
+    assert not solve.correct and solve.failure.startswith("wrong_solution:")
 
 
 def test_children_per_spawn_budget_runs_only_the_first_children():
