@@ -7,9 +7,9 @@ A GRPO step of the CPU benchmark is 8 problems x 8 sampled APR rollouts, all in 
 once: 64 parents, then a few hundred children in one wave. With `max_batch` 64 the children
 decode in several batches, one after another, each as long as its longest row. This times the
 same rollouts (`apr.rollouts.collect`, temperature and log-probs as GRPO asks) through one
-in-process engine per batch size, the sizes taking turns in each round so that a busy machine
-slows them alike, and prints seconds per step, generated tokens per second and each size's
-ratio to the first (the baseline).
+in-process engine whose batch size is set before each run, the sizes taking turns in each
+round so that a busy machine slows them alike, and prints seconds per step, generated tokens
+per second and each size's ratio to the first (the baseline).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def main() -> None:
     problems = load_problems(args.problems, "train", args.prompts * args.rounds)
     budgets = Budgets(context=args.context)
     engine = LocalEngine(args.model)
-    # one model for all sizes: max_batch is only read when a group is split into batches
+    # one model for all sizes: max_batch is read each time a group is cut into batches
     asyncio.run(collect(engine, problems[:2], 2, "apr", budgets, args.temperature))  # warm-up
     seconds: dict[int, list[float]] = {b: [] for b in args.batches}
     tokens: dict[int, list[int]] = {b: [] for b in args.batches}

@@ -166,6 +166,18 @@ def test_model_claims_of_success_are_not_trusted():
     assert not solve.correct and solve.failure.startswith("wrong_solution:wrong_target")
 
 
+class Capture(Scripted):
+    """A scripted engine that also keeps the prompts of every call."""
+
+    def __init__(self, texts):
+        super().__init__(texts)
+        self.seen = []
+
+    async def generate(self, prompts, sampling):
+        self.seen.append(list(prompts))
+        return await super().generate(prompts, sampling)
+
+
 def test_a_malformed_child_joins_as_no_solution():
     spawn = PARENT + ("<Calling Sub Searches>\n<Start Sub Search 0 at level 1> Moving to Node #0,0\n"
                       "<Start Sub Search 1 at level 1> Moving to Node #0,1\n<End Calling Sub Searches>")
@@ -177,18 +189,6 @@ def test_a_malformed_child_joins_as_no_solution():
     assert "<No Solution in Sub Search 0 at level 1 at Node #0,0>\n" in seen[2][0]
     assert "<No Solution in Sub Search 1 at level 1 at Node #0,1>\n<End Sub Searches>\n" in seen[2][0]
     assert solve.children == 2 and solve.failure == "no_solution"
-
-
-class Capture(Scripted):
-    """A scripted engine that also keeps the prompts of every call."""
-
-    def __init__(self, texts):
-        super().__init__(texts)
-        self.seen = []
-
-    async def generate(self, prompts, sampling):
-        self.seen.append(list(prompts))
-        return await super().generate(prompts, sampling)
 
 
 def test_a_node_the_parent_never_generated_joins_as_no_solution_and_the_parent_goes_on():
