@@ -72,7 +72,8 @@ def launch_job(manifest: dict, *, timeout_s: float = 0, poll_s: float = 5.0,
     """
     from kubernetes import client
 
-    if api_client is None:
+    owns_client = api_client is None
+    if owns_client:
         load_kube_config()
         settings = client.Configuration.get_default_copy()
         settings.retries = False  # urllib3 would retry a timed-out read 3 times, unseen
@@ -93,8 +94,12 @@ def launch_job(manifest: dict, *, timeout_s: float = 0, poll_s: float = 5.0,
             log(f"launcher: Job {namespace}/{name} succeeded after {seconds:g} s")
             return {"name": name, "namespace": namespace, "seconds": seconds, "succeeded": True}
         finally:
-            if not keep:
-                _delete(batch, name, namespace, log)
+            try:
+                if not keep:
+                    _delete(batch, name, namespace, log)
+            finally:
+                if owns_client:  # its connection pool's threads would outlive the step
+                    api_client.close()
 
 
 @dataclass

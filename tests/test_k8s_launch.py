@@ -311,6 +311,20 @@ def test_a_completed_job_streams_the_trainer_log_in_order_and_is_deleted(cluster
     assert _deleted(fake) == [f"{NAME} Foreground"] and fake.calls[-1][0] == "delete"
 
 
+def test_the_client_the_launcher_makes_is_closed_when_the_job_ends(cluster, monkeypatch):
+    fake, client = cluster
+    settings = kubernetes.client.Configuration(host=client.configuration.host)
+    monkeypatch.setattr(kubernetes.client.Configuration, "_default", settings)
+    monkeypatch.setattr(launch, "load_kube_config", lambda: None)
+    closed = []
+    close = kubernetes.client.ApiClient.close
+    monkeypatch.setattr(kubernetes.client.ApiClient, "close",
+                        lambda self: (closed.append(self), close(self)))
+    assert launch_job(_manifest(), poll_s=0.02, log=[].append)["succeeded"] is True
+    assert len(closed) == 1 and closed[0] is not client  # its own, not one it was given
+    assert _deleted(fake) == [f"{NAME} Foreground"]
+
+
 def test_the_launcher_needs_only_what_its_role_grants(cluster):
     fake, client = cluster
     _launch(client, [])
