@@ -11,6 +11,11 @@ starts it again):
     python bench/grpo_learning.py --workdir runs/grpo-bench-gpu --numbers 4 --num-max 99 \
         --target-max 100 --sft-preset small --sft-steps 3000   (an H100; not measured yet)
 
+`--fixed-problems 8` checks the loop itself: GRPO trains and validates on the same first 8
+validation problems every step, so the sampled reward on them should rise within a few steps
+(printed per problem); a loop that cannot raise it has a bug, one that can but does not lift
+held-out accuracy needs more problems per step or more steps.
+
 Rollouts go through a rollout server the run starts: SGLang where it is installed on a GPU,
 else `apr engine serve`.
 Prints the validation curve and the mean step-time breakdown.
@@ -42,6 +47,8 @@ def main() -> None:
     parser.add_argument("--sft-steps", type=int, default=2000)
     parser.add_argument("--steps", type=int, default=30, help="GRPO steps")
     parser.add_argument("--grpo-set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--fixed-problems", type=int, default=0, metavar="N",
+                        help="train and validate on the first N validation problems only")
     parser.add_argument("--fresh-grpo", action="store_true", help="discard an earlier GRPO run")
     args = parser.parse_args()
     work = Path(args.workdir)
@@ -62,14 +69,20 @@ def main() -> None:
             "checkpoint_every=100"])
         sft.run(config, data, sft_out, resume=True, progress=False)
     sft_s = time.perf_counter() - started - datagen_s
+    problems, fixed = data, []
+    if args.fixed_problems:
+        problems = fixed_problems(data, work / f"fixed{args.fixed_problems}", args.fixed_problems)
+        grpo_out = work / f"grpo-fixed{args.fixed_problems}"
+        fixed = [f"prompts_per_step={args.fixed_problems}", f"val_problems={args.fixed_problems}"]
     if args.fresh_grpo:
         shutil.rmtree(grpo_out, ignore_errors=True)
     config = load(grpo.GRPOConfig, "local", grpo.SECTION, [
         f"steps={args.steps}", "prompts_per_step=16", "group_size=4", "lr=3e-5",
         "context=1024", "children_per_spawn=0", "tokens_per_batch=16384", "val_every=4",
         "sidecar=auto",
-        f"val_problems={args.val_problems}", "checkpoint_every=5", *args.grpo_set])
-    result = grpo.run(config, sft_out / "model", data, grpo_out, resume=True, progress=False)
+        f"val_problems={args.val_problems}", "checkpoint_every=5", *fixed, *args.grpo_set])
+    result = grpo.run(config, sft_out / "model", problems, grpo_out, resume=True,
+                      progress=False)
     grpo_s = time.perf_counter() - started - datagen_s - sft_s
 
     records = [json.loads(line) for line in (grpo_out / "metrics.jsonl").read_text().splitlines()]
@@ -89,10 +102,44 @@ def main() -> None:
               f"{statistics.mean(s['train_s'] for s in steps):.2f} | "
               f"{statistics.mean(s['sync_s'] for s in steps):.3f} | "
               f"{statistics.mean(s['generated_tokens'] for s in steps):.0f} |")
+    if args.fixed_problems:
+        print_problem_rewards(grpo_out / "rollouts.jsonl")
     print(f"\nvalidation accuracy {result.initial_val_accuracy} -> {result.val_accuracy}")
     vals = [r for r in records if "val_solved" in r]
     for later in vals[1:]:
         print(paired(set(vals[0]["val_solved"]), set(later["val_solved"]), later["step"]))
+
+
+def fixed_problems(data: Path, out: Path, n: int) -> Path:
+    """A problems directory whose train and val splits are both the first n validation
+    problems."""
+    lines = (data / "problems" / "val.jsonl").read_text().splitlines()[:n]
+    (out / "problems").mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val"):
+        path = out / "problems" / f"{split}.jsonl"
+        partial = path.with_suffix(".partial")
+        partial.write_text("\n".join(lines) + "\n")
+        partial.replace(path)
+    return out
+
+
+def print_problem_rewards(rollouts: Path) -> None:
+    """Each problem's mean sampled reward at the first and the last step, and all of them."""
+    by_problem: dict[str, dict[int, list[float]]] = {}
+    for line in rollouts.read_text().splitlines():
+        r = json.loads(line)
+        key = f"{r['nums']} -> {r['target']}"
+        by_problem.setdefault(key, {}).setdefault(r["step"], []).append(r["reward"])
+    first = min(min(steps) for steps in by_problem.values())
+    last = max(max(steps) for steps in by_problem.values())
+    print(f"\n| problem | reward, step {first + 1} | reward, step {last + 1} |")
+    print("|---|---:|---:|")
+    for key, steps in by_problem.items():
+        before, after = (statistics.mean(steps.get(s, [0])) for s in (first, last))
+        print(f"| {key} | {before:.2f} | {after:.2f} |")
+    for step in (first, last):
+        rewards = [x for steps in by_problem.values() for x in steps.get(step, [])]
+        print(f"step {step + 1}: {sum(rewards):g} of {len(rewards)} rollouts rewarded")
 
 
 def paired(before: set[int], after: set[int], step: int) -> str:
