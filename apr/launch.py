@@ -14,6 +14,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,7 +86,9 @@ def launch_job(manifest: dict, *, timeout_s: float = 0, poll_s: float = 5.0,
     if timeout_s > 0:
         manifest = {**manifest, "spec": {**manifest["spec"],
                                          "activeDeadlineSeconds": math.ceil(timeout_s)}}
-    with sigterm_as_exit():
+    # A client made here is closed at the end: its connection pool's threads would outlive
+    # the step. The Job's deletion (the finally below) runs before that.
+    with sigterm_as_exit(), (api_client if owns_client else nullcontext()):
         try:  # the finally deletes even after a failed create: an interrupted one may have made it
             job = _create(batch, manifest, deadline, poll_s, log)
             log(f"launcher: created Job {namespace}/{name}")
@@ -94,12 +97,8 @@ def launch_job(manifest: dict, *, timeout_s: float = 0, poll_s: float = 5.0,
             log(f"launcher: Job {namespace}/{name} succeeded after {seconds:g} s")
             return {"name": name, "namespace": namespace, "seconds": seconds, "succeeded": True}
         finally:
-            try:
-                if not keep:
-                    _delete(batch, name, namespace, log)
-            finally:
-                if owns_client:  # its connection pool's threads would outlive the step
-                    api_client.close()
+            if not keep:
+                _delete(batch, name, namespace, log)
 
 
 @dataclass
