@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -32,6 +33,9 @@ FOLLOW_READ_S = 300.0  # a log stream silent this long is opened again (a half-o
 REQUEST_TIMEOUT = (30.0, 60.0)  # connect, read: every call but the log stream
 print_now = functools.partial(print, flush=True)  # a pod's stdout is a pipe: no buffering
 BY_SOMEONE_ELSE = "by someone else: kubectl delete, or a namespace clean-up"
+# Where a pod reads its own namespace; KFP's executor pods carry their own name and UID in
+# KFP_POD_NAME and KFP_POD_UID (from the downward API).
+POD_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
 class LaunchError(RuntimeError):
@@ -59,6 +63,25 @@ def load_kube_config() -> None:
             f"kubeconfig ({e}); run in a pod with a ServiceAccount, or set KUBECONFIG") from e
 
 
+def step_pod_owner(namespace: str) -> dict | None:
+    """The pod this step runs in, as an owner reference for a Job in `namespace`, else None.
+
+    With it, a Job outlives its step by no more than the garbage collector's delay when the
+    launcher cannot delete it itself (SIGKILL, a lost node, a deleted run). Only in the pod's
+    own namespace: an owner in another one counts as missing, and the Job would be deleted
+    at once. No blockOwnerDeletion, so the Role needs nothing more.
+    """
+    name, uid = os.environ.get("KFP_POD_NAME"), os.environ.get("KFP_POD_UID")
+    try:
+        with open(POD_NAMESPACE_FILE) as f:
+            own_namespace = f.read().strip()
+    except OSError:
+        return None  # not in a pod
+    if not (name and uid) or own_namespace != namespace:
+        return None
+    return {"apiVersion": "v1", "kind": "Pod", "name": name, "uid": uid}
+
+
 def launch_job(manifest: dict, *, timeout_s: float = 0, poll_s: float = 5.0,
                log: Callable[[str], Any] = print_now, keep: bool = False, api_client: Any = None,
                pending_grace_s: float = 600.0) -> dict:
@@ -68,8 +91,9 @@ def launch_job(manifest: dict, *, timeout_s: float = 0, poll_s: float = 5.0,
     sidecar, no node or no pod for longer than `pending_grace_s`), LaunchError past
     `timeout_s` (0: no limit; else also the Job's activeDeadlineSeconds, so the cluster ends
     it even if this process is killed). The Job is deleted however this returns, SIGTERM
-    included, unless `keep`: a GPU Job must not outlive the step that waits for it.
-    `api_client`: by default the cluster's own.
+    included, unless `keep`: a GPU Job must not outlive the step that waits for it. Run from a
+    KFP step, the step's pod also owns the Job (`step_pod_owner`), for when this process
+    cannot delete it. `api_client`: by default the cluster's own.
     """
     from kubernetes import client
 
@@ -86,6 +110,11 @@ def launch_job(manifest: dict, *, timeout_s: float = 0, poll_s: float = 5.0,
     if timeout_s > 0:
         manifest = {**manifest, "spec": {**manifest["spec"],
                                          "activeDeadlineSeconds": math.ceil(timeout_s)}}
+    owner = None if keep else step_pod_owner(namespace)
+    if owner is not None:
+        metadata = manifest["metadata"]
+        owners = [*metadata.get("ownerReferences", []), owner]
+        manifest = {**manifest, "metadata": {**metadata, "ownerReferences": owners}}
     # A client made here is closed at the end: its connection pool's threads would outlive
     # the step. The Job's deletion (the finally below) runs before that.
     with sigterm_as_exit(), (api_client if owns_client else nullcontext()):

@@ -325,6 +325,25 @@ def test_the_client_the_launcher_makes_is_closed_when_the_job_ends(cluster, monk
     assert _deleted(fake) == [f"{NAME} Foreground"]
 
 
+def test_from_a_kfp_step_the_job_is_owned_by_the_step_pod_in_its_namespace(
+        cluster, monkeypatch, tmp_path):
+    fake, client = cluster
+    namespace_file = tmp_path / "namespace"
+    monkeypatch.setattr(launch, "POD_NAMESPACE_FILE", str(namespace_file))
+    monkeypatch.setenv("KFP_POD_NAME", "pipeline-grpo-step-1234")
+    monkeypatch.setenv("KFP_POD_UID", "9a7e0b2c-0000-4000-8000-000000000001")
+    assert launch.step_pod_owner(NS) is None  # not in a pod: no namespace file
+    namespace_file.write_text(NS + "\n")
+    assert launch.step_pod_owner("other-namespace") is None  # would count as a missing owner
+    _launch(client, [])
+    assert fake.created["metadata"]["ownerReferences"] == [
+        {"apiVersion": "v1", "kind": "Pod", "name": "pipeline-grpo-step-1234",
+         "uid": "9a7e0b2c-0000-4000-8000-000000000001"}]
+    kubernetes_validate.validate(fake.created, "1.29.0", strict=True)
+    monkeypatch.delenv("KFP_POD_UID")
+    assert launch.step_pod_owner(NS) is None
+
+
 def test_the_launcher_needs_only_what_its_role_grants(cluster):
     fake, client = cluster
     _launch(client, [])
