@@ -68,6 +68,7 @@ class GRPOConfig:
     pad_multiple: int = 64
     val_every: int = 10  # steps between greedy validation accuracies (and at start and end)
     val_problems: int = 200
+    val_samples: int = 0  # sampled solves per val problem at `temperature`, beside greedy
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
     seed: int = 0
@@ -98,6 +99,7 @@ class GRPOConfig:
               f"{self.tokens_per_batch} cannot hold one {self.context}-token thread: "
               "make it at least `context`")
         check_range("val_problems", self.val_problems, 0)
+        check_range("val_samples", self.val_samples, 0)
         check_range("sidecar_startup_s", self.sidecar_startup_s, 1.0)
         check_range("engine_timeout_s", self.engine_timeout_s, 1.0)
 
@@ -313,7 +315,9 @@ async def push_weights(engine, trainer: Trainer, weights_dir: Path, version: int
 
 
 async def validate(engine, problems: list[dict], config: GRPOConfig, version: str) -> dict:
-    """Greedy accuracy on the validation problems, through the same runtime and server."""
+    """Greedy accuracy on the validation problems, through the same runtime and server, and
+    with `val_samples` the mean reward of sampled solves: what GRPO optimises, and steadier
+    than a small model's argmax, whose solved set reshuffles at a tiny KL."""
     from apr.rollouts import check_version
     from apr.runtime import APR, Budgets, solve_apr, solve_sos
 
@@ -321,13 +325,23 @@ async def validate(engine, problems: list[dict], config: GRPOConfig, version: st
         return {}
     solver = solve_apr if config.mode == APR else solve_sos
     budgets = Budgets(context=config.context, children_per_spawn=config.children_per_spawn)
-    solves = await asyncio.gather(*(solver(engine, p["nums"], p["target"], budgets, 0.0)
-                                    for p in problems))
+    k = config.val_samples
+    jobs = [solver(engine, p["nums"], p["target"], budgets, 0.0) for p in problems]
+    jobs += [solver(engine, p["nums"], p["target"], budgets, config.temperature)
+             for p in problems for _ in range(k)]
+    solves = await asyncio.gather(*jobs)
     check_version(solves, version)
-    return {"val_accuracy": round(sum(s.correct for s in solves) / len(solves), 4),
-            "val_children": round(sum(s.children for s in solves) / len(solves), 3),
-            # which ones: two validations compare problem by problem, not only in total
-            "val_solved": [i for i, s in enumerate(solves) if s.correct]}
+    greedy, sampled = solves[:len(problems)], solves[len(problems):]
+    result = {"val_accuracy": round(sum(s.correct for s in greedy) / len(greedy), 4),
+              "val_children": round(sum(s.children for s in greedy) / len(greedy), 3),
+              # which ones: two validations compare problem by problem, not only in total
+              "val_solved": [i for i, s in enumerate(greedy) if s.correct]}
+    if k:
+        per_problem = [sum(s.correct for s in sampled[i * k:(i + 1) * k])
+                       for i in range(len(problems))]
+        result |= {"val_reward": round(sum(per_problem) / (k * len(problems)), 4),
+                   "val_sampled_solved": per_problem}  # of k, problem by problem
+    return result
 
 
 # --- the run -----------------------------------------------------------------------------

@@ -89,12 +89,15 @@ def main() -> None:
     steps = [r for r in records if "reward" in r]
     print(f"\ndatagen {datagen_s:.0f} s, SFT {sft_s:.0f} s, GRPO {grpo_s:.0f} s "
           f"({args.numbers}-number Countdown, {args.sft_preset} model, {args.steps} GRPO steps)")
-    print("\n| step | val accuracy | val children | train reward (last 5 steps) |")
-    print("|---:|---:|---:|---:|")
+    print("\n| step | val accuracy (greedy) | val reward (sampled) | val children "
+          "| train reward (last 5 steps) |")
+    print("|---:|---:|---:|---:|---:|")
     for r in (r for r in records if "val_accuracy" in r):
         window = [s["reward"] for s in steps if r["step"] - 5 < s["step"] <= r["step"]]
         reward = f"{statistics.mean(window):.3f}" if window else "-"
-        print(f"| {r['step']} | {r['val_accuracy']:.3f} | {r['val_children']:.2f} | {reward} |")
+        sampled = f"{r['val_reward']:.3f}" if "val_reward" in r else "-"
+        print(f"| {r['step']} | {r['val_accuracy']:.3f} | {sampled} | {r['val_children']:.2f} "
+              f"| {reward} |")
     if steps:
         print("\n| mean per step | rollout s | train s | weight sync s | generated tokens |")
         print("|---|---:|---:|---:|---:|")
@@ -108,6 +111,10 @@ def main() -> None:
     vals = [r for r in records if "val_solved" in r]
     for later in vals[1:]:
         print(paired(set(vals[0]["val_solved"]), set(later["val_solved"]), later["step"]))
+    sampled = [r for r in records if "val_sampled_solved" in r]
+    for later in sampled[1:]:
+        print(paired_counts(sampled[0]["val_sampled_solved"], later["val_sampled_solved"],
+                            later["step"]))
 
 
 def fixed_problems(data: Path, out: Path, n: int) -> Path:
@@ -144,12 +151,27 @@ def print_problem_rewards(rollouts: Path) -> None:
 
 def paired(before: set[int], after: set[int], step: int) -> str:
     """The same validation problems before GRPO and after `step`: how many each solved that
-    the other did not, and the two-sided sign test on those (exact binomial, p = 1/2)."""
+    the other did not, and the two-sided sign test on those."""
     gained, lost = len(after - before), len(before - after)
-    n, k = gained + lost, min(gained, lost)
-    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
     return (f"same problems, step 0 -> step {step}: solved by both {len(before & after)}, "
-            f"only after GRPO {gained}, only before {lost} (sign test p = {p:.3g})")
+            f"only after GRPO {gained}, only before {lost} (sign test p = "
+            f"{sign_test(gained, lost):.3g})")
+
+
+def paired_counts(before: list[int], after: list[int], step: int) -> str:
+    """Sampled solves per validation problem before GRPO and after `step`: how many problems
+    gained or lost solves, and the sign test on those."""
+    up = sum(b > a for a, b in zip(before, after))
+    down = sum(b < a for a, b in zip(before, after))
+    return (f"sampled solves, step 0 -> step {step}: {sum(before)} -> {sum(after)}; problems "
+            f"with more {up}, fewer {down}, same {len(before) - up - down} (sign test p = "
+            f"{sign_test(up, down):.3g})")
+
+
+def sign_test(ups: int, downs: int) -> float:
+    """Two-sided exact binomial test of ups against downs at p = 1/2."""
+    n, k = ups + downs, min(ups, downs)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
 
 
 if __name__ == "__main__":

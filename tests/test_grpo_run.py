@@ -9,6 +9,7 @@ versions it is sent: the trainer's side is the real one, the model's answers are
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections import Counter
@@ -25,7 +26,7 @@ from apr.data import read_records
 from apr.engine.base import LENGTH
 from apr.engine.oracle import OracleEngine
 from apr.engine.server import create_app
-from apr.grpo import GRPOConfig, GRPOError, run
+from apr.grpo import GRPOConfig, GRPOError, run, validate
 from conftest import S3_KEYS, ServedApp, make_dataset
 
 
@@ -137,6 +138,19 @@ def test_a_run_trains_syncs_every_step_and_resumes_exactly(setup, tmp_path):
     assert all(torch.equal(weights[k], resumed[k]) for k in weights)
     assert [r["step"] for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
             if "reward" in r] == [1, 2, 3]
+
+
+def test_validation_adds_the_sampled_reward_of_each_problem_when_asked(setup):
+    records = setup[2]
+    problems = [{"nums": r["nums"], "target": r["target"]} for r in records[:2]]
+    engine = ScriptedEngine(records)  # answers 1, 3, 5 to a problem are whole, 2 and 4 cut
+    config = from_dict(GRPOConfig, {**CONFIG, "val_samples": 4})
+    result = asyncio.run(validate(engine, problems, config, "default"))
+    assert result["val_accuracy"] == 1.0 and result["val_solved"] == [0, 1]  # greedy: first
+    assert result["val_sampled_solved"] == [2, 2] and result["val_reward"] == 0.5
+    greedy_only = asyncio.run(validate(ScriptedEngine(records), problems,
+                                       from_dict(GRPOConfig, CONFIG), "default"))
+    assert greedy_only["val_accuracy"] == 1.0 and "val_reward" not in greedy_only
 
 
 def test_weights_the_server_did_not_apply_stop_the_run(setup, tmp_path):
