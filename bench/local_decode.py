@@ -110,7 +110,7 @@ def main() -> None:
     model = engine.model
     device = model.device
     print(f"device {device}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-          f"transformers static cache in the engine: {engine.static_cache}")
+          f"batching in the engine: {engine.batching}")
 
     base = {static: baseline_ms_per_step(model, args.baseline_batch, args.baseline_tokens, static,
                                          args.warmups)

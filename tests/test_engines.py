@@ -53,6 +53,40 @@ def test_greedy_batch_equals_one_by_one(engine):
         assert c.finish_reason in (STOP, LENGTH) and c.completion_tokens <= 12
 
 
+def test_the_shrinking_loop_decodes_what_generate_decodes(engine, model_dir):
+    """Rows leaving the batch early change nothing in what the others decode: greedy rows with
+    their own limits and a stop string that some of them write match transformers' generate."""
+    reference = LocalEngine(model_dir, batching="generate")
+    assert (engine.batching, reference.batching) == ("shrink", "generate")
+    prompts = [PROMPT, "Current State: 50:[5, 10], Operations: []\n", "Moving to Node #0,1\n"]
+    [free] = asyncio.run(engine.generate([PROMPT], Sampling(30, 0.0)))
+    stop = free.text[5:7]
+    for limits in ((30, 30, 30), (3, 30, 12)):
+        rows = [(p, Sampling(n, 0.0, stop=(stop,))) for p, n in zip(prompts, limits)]
+        ours, theirs = engine.decode(rows), reference.decode(rows)
+        assert [c.token_ids for c in ours] == [c.token_ids for c in theirs]
+        assert [(c.text, c.finish_reason, c.matched) for c in ours] == \
+            [(c.text, c.finish_reason, c.matched) for c in theirs]
+    assert any(c.matched == stop for c in ours)
+
+
+def test_a_row_that_ends_leaves_the_batch(engine, model_dir):
+    rows = [(PROMPT, Sampling(n, 0.0)) for n in (2, 16, 16)]
+    for batching in ("shrink", "generate"):
+        e = LocalEngine(model_dir, batching=batching)
+        out = e.decode(rows)
+        decoded = sum(c.completion_tokens for c in out)
+        if batching == "shrink":
+            assert e.stats.row_steps == decoded  # no step is spent on a row that has ended
+        else:
+            assert e.stats.row_steps == 3 * e.stats.steps > decoded
+
+
+def test_an_unknown_batching_names_the_choices(model_dir):
+    with pytest.raises(ValueError, match="shrink, generate"):
+        LocalEngine(model_dir, batching="continuous")
+
+
 def test_token_limit_gives_length_and_counts_tokens(engine):
     [c] = asyncio.run(engine.generate([PROMPT], Sampling(5, 0.0)))
     written = len(engine.tokenizer(c.text, add_special_tokens=False).input_ids)
@@ -236,7 +270,8 @@ def test_a_connection_the_server_closed_is_retried_once(drops, ok):
     assert calls == ["/generate"] * 2
 
 
-def test_logprobs_of_a_padded_batch_are_each_rows_own(engine):
+@pytest.mark.parametrize("batching", ["shrink", "generate"])
+def test_logprobs_of_a_padded_batch_are_each_rows_own(model_dir, batching):
     """Sampled tokens' log-probs (softmax of logits / temperature, as SGLang reports them)
     match a forward pass over each row alone: left padding changes nothing."""
     import torch
@@ -244,6 +279,7 @@ def test_logprobs_of_a_padded_batch_are_each_rows_own(engine):
     from apr import tokenizer as domain_tokenizer
     from apr.grpo import token_logprobs
 
+    engine = LocalEngine(model_dir, batching=batching)
     prompts = [PROMPT, "Current State: 50:[5, 10], Operations: []\n"]
     outs = asyncio.run(engine.generate(prompts, Sampling(12, 0.7, logprobs=True)))
     tok = domain_tokenizer.build()
