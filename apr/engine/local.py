@@ -7,7 +7,8 @@ grouped by (temperature, top_p, stop strings) and its rows are left-padded. Two 
   cache, where a row leaves the batch (its cache rows with it) the step it ends: EOS, its stop
   string (transformers' `StopStringCriteria`) or its own token limit. On a CPU a step costs
   in proportion to the rows it holds, and most rows of a rollout batch end long before the
-  longest: 2.9x faster than `generate` on 64 sampled APR prompts (`bench/local_decode.py`).
+  longest: a GRPO step's rollouts decoded 4.3x faster than with `generate`
+  (`bench/rollout_batch.py`, docs/RESULTS.md).
   Log-probs are taken from the logits each token was sampled from, as SGLang does.
 * `generate` (the default on CUDA): `model.generate` with transformers' static cache, which
   it compiles there; every row runs to the longest and is cut afterwards at its own stop
@@ -37,7 +38,7 @@ class DecodeStats:
     rows: int = 0
     steps: int = 0  # decode steps, summed over batches
     row_steps: int = 0  # rows decoded, summed over steps: padding rows included with `generate`
-    busy_s: float = 0.0  # seconds inside generate and the log-prob pass
+    busy_s: float = 0.0  # seconds decoding (and in `generate`'s log-prob pass)
 
 
 @dataclass
@@ -76,7 +77,7 @@ class LocalEngine:
         if batching == "auto":
             batching = "generate" if self.device.type == "cuda" else "shrink"
         self.batching = batching
-        # transformers renamed the forward's `past_key_values` to `cache` (5.2x)
+        # newer transformers name the forward's `past_key_values` `cache`
         self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters \
             else "past_key_values"
         self.weight_version: str | None = None
