@@ -18,7 +18,8 @@ held-out accuracy needs more problems per step or more steps.
 
 Rollouts go through a rollout server the run starts: SGLang where it is installed on a GPU,
 else `apr engine serve`.
-Prints the validation curve and the mean step-time breakdown.
+Prints the validation curve and the mean step-time breakdown; with `--grpo-set val_samples=4`
+also the validation problems' sampled reward and a per-problem sign test against step 0.
 """
 
 from __future__ import annotations
