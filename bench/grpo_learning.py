@@ -160,13 +160,15 @@ def paired(before: set[int], after: set[int], step: int) -> str:
 
 
 def paired_counts(before: list[int], after: list[int], step: int) -> str:
-    """Sampled solves per validation problem before GRPO and after `step`: how many problems
-    gained or lost solves, and the sign test on those."""
-    up = sum(b > a for a, b in zip(before, after))
-    down = sum(b < a for a, b in zip(before, after))
-    return (f"sampled solves, step 0 -> step {step}: {sum(before)} -> {sum(after)}; problems "
-            f"with more {up}, fewer {down}, same {len(before) - up - down} (sign test p = "
-            f"{sign_test(up, down):.3g})")
+    """Sampled solves per validation problem before GRPO and after `step`: the mean change per
+    problem with its standard error (paired), how many problems gained or lost solves, and
+    the sign test on those."""
+    diffs = [b - a for a, b in zip(before, after)]
+    up, down = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+    return (f"sampled solves, step 0 -> step {step}: {sum(before)} -> {sum(after)} (per problem "
+            f"{statistics.mean(diffs):+.3f} +- {se:.3f} s.e.); problems with more {up}, fewer "
+            f"{down}, same {len(diffs) - up - down} (sign test p = {sign_test(up, down):.3g})")
 
 
 def sign_test(ups: int, downs: int) -> float:
