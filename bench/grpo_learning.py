@@ -108,6 +108,7 @@ def main() -> None:
               f"{statistics.mean(s['generated_tokens'] for s in steps):.0f} |")
     if args.fixed_problems:
         print_problem_rewards(grpo_out / "rollouts.jsonl")
+    print_outcomes(grpo_out / "rollouts.jsonl")
     print(f"\nvalidation accuracy {result.initial_val_accuracy} -> {result.val_accuracy}")
     vals = [r for r in records if "val_solved" in r]
     for later in vals[1:]:
@@ -148,6 +149,25 @@ def print_problem_rewards(rollouts: Path) -> None:
     for step in (first, last):
         rewards = [x for steps in by_problem.values() for x in steps.get(step, [])]
         print(f"step {step + 1}: {sum(rewards):g} of {len(rewards)} rollouts rewarded")
+
+
+def print_outcomes(rollouts: Path, window: int = 5) -> None:
+    """How the training rollouts ended, `window` steps at a time: whether GRPO turns failures
+    into solutions, or only into claimed ones (a wrong solution is rewarded like none)."""
+    columns = ("correct", "no_solution", "wrong_solution:wrong_arithmetic", "wrong_solution")
+    counts: dict[int, dict[str, int]] = {}
+    for line in rollouts.read_text().splitlines():
+        r = json.loads(line)
+        failure = r["failure"] or "correct"
+        kind = next((c for c in columns if failure.startswith(c)), "other")
+        row = counts.setdefault(r["step"] // window, {})
+        row[kind] = row.get(kind, 0) + 1
+    print(f"\n| steps | rollouts | {' | '.join(columns)} (other) | other |")
+    print("|---|---:|" + "---:|" * (len(columns) + 1))
+    for w, row in sorted(counts.items()):
+        n = sum(row.values())
+        shares = " | ".join(f"{row.get(c, 0) / n:.3f}" for c in (*columns, "other"))
+        print(f"| {w * window + 1}-{w * window + window} | {n} | {shares} |")
 
 
 def paired(before: set[int], after: set[int], step: int) -> str:
