@@ -162,8 +162,10 @@ def print_outcomes(rollouts: Path, window: int = 5) -> None:
         kind = next((c for c in columns if failure.startswith(c)), "other")
         row = counts.setdefault(r["step"] // window, {})
         row[kind] = row.get(kind, 0) + 1
-    print(f"\n| steps | rollouts | {' | '.join(columns)} (other) | other |")
-    print("|---|---:|" + "---:|" * (len(columns) + 1))
+    labels = ("correct", "no solution found", "wrong arithmetic", "other wrong solutions",
+              "other")
+    print(f"\n| steps | rollouts | {' | '.join(labels)} |")
+    print("|---|---:|" + "---:|" * len(labels))
     for w, row in sorted(counts.items()):
         n = sum(row.values())
         shares = " | ".join(f"{row.get(c, 0) / n:.3f}" for c in (*columns, "other"))
