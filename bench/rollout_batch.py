@@ -20,7 +20,7 @@ import asyncio
 import statistics
 import time
 
-from apr.engine.local import DecodeStats, LocalEngine
+from apr.engine.local import BATCHING, DecodeStats, LocalEngine
 from apr.evaluate import load_problems
 from apr.rollouts import collect
 from apr.runtime import Budgets
@@ -75,7 +75,7 @@ def main() -> None:
 
 def parse_setting(text: str) -> tuple[str, int]:
     batching, _, size = text.partition(":")
-    if batching not in ("shrink", "generate") or not size.isdigit():
+    if batching not in BATCHING or batching == "auto" or not size.isdigit():
         raise SystemExit(f"--engines takes batching:max_batch (shrink:64, generate:64), "
                          f"not {text!r}")
     return batching, int(size)

@@ -70,7 +70,7 @@ def test_the_shrinking_loop_decodes_what_generate_decodes(engine, model_dir):
     assert any(c.matched == stop for c in ours)
 
 
-def test_a_row_that_ends_leaves_the_batch(engine, model_dir):
+def test_a_row_that_ends_leaves_the_batch(model_dir):
     rows = [(PROMPT, Sampling(n, 0.0)) for n in (2, 16, 16)]
     for batching in ("shrink", "generate"):
         e = LocalEngine(model_dir, batching=batching)
