@@ -8,6 +8,7 @@ import sys
 from typing import Sequence
 
 from apr.config import InputError, load
+from apr.engine.local import BATCHING
 from apr.storage import StorageError
 
 
@@ -133,7 +134,7 @@ def _engine_serve(args: argparse.Namespace) -> int:
     from apr.engine.server import serve
 
     serve(args.model, host=args.host, port=args.port, device=args.device,
-          max_batch=args.max_batch, weight_version=args.weight_version)
+          max_batch=args.max_batch, weight_version=args.weight_version, batching=args.batching)
     return 0
 
 
@@ -242,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=30000)
     serve.add_argument("--device", default="auto", help="auto, cpu or cuda")
     serve.add_argument("--max-batch", type=int, default=64, help="rows per decoding batch")
+    serve.add_argument("--batching", default="auto", choices=BATCHING,
+                       help="decode loop: shrink (rows leave the batch as they end; CPU default) "
+                            "or generate (transformers' static cache; CUDA default)")
     serve.add_argument("--weight-version", default="default",
                        help="the version reported for the weights loaded at start (as SGLang)")
     serve.set_defaults(run=_engine_serve)

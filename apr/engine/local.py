@@ -171,6 +171,9 @@ class LocalEngine:
             if sampling.top_p < 1:
                 warpers.append(TopPLogitsWarper(sampling.top_p))
         stop = StopStringCriteria(self.tokenizer, list(sampling.stop)) if sampling.stop else None
+        # The stop check reads only the last tokens (a token is at least one character), and
+        # the warpers read none: keep that tail, not the whole sequence.
+        tail = stop.maximum_token_len if stop is not None else 1
         want_logprobs = any(s.logprobs for _, s in rows)
         limits = torch.tensor([s.max_new_tokens for _, s in rows], device=self.device)
         ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -179,7 +182,7 @@ class LocalEngine:
         generated: list[list[int]] = [[] for _ in rows]
         logprobs: list[list[float]] = [[] for _ in rows]
         alive = torch.arange(len(rows), device=self.device)  # each batch row's index in `rows`
-        seq, position = ids, positions[:, -1]
+        seq, position = ids[:, -tail:], positions[:, -1]
         logits = self._forward(ids, mask, positions, cache)
         for step in range(1, int(limits.max()) + 1):
             scores = warpers(seq, logits)
@@ -187,7 +190,7 @@ class LocalEngine:
                 token = torch.multinomial(scores.softmax(-1), 1)[:, 0]
             else:
                 token = scores.argmax(-1)
-            seq = torch.cat([seq, token[:, None]], dim=1)
+            seq = torch.cat([seq, token[:, None]], dim=1)[:, -tail:]
             chosen = sampled_logprobs(logits, token, sampling.temperature).tolist() \
                 if want_logprobs else None
             for j, (i, t) in enumerate(zip(alive.tolist(), token.tolist())):

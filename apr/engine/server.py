@@ -135,11 +135,11 @@ def create_app(engine: Engine, model_path: str, served_name: str = "apr") -> Fas
 
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 30000, device: str = "auto",
-          max_batch: int = 64, weight_version: str = "default") -> None:
+          max_batch: int = 64, weight_version: str = "default", batching: str = "auto") -> None:
     import uvicorn
 
     from apr.engine.local import LocalEngine
 
-    engine = LocalEngine(model_dir, device=device, max_batch=max_batch)
+    engine = LocalEngine(model_dir, device=device, max_batch=max_batch, batching=batching)
     engine.weight_version = weight_version
     uvicorn.run(create_app(engine, model_dir), host=host, port=port, log_level="warning")
