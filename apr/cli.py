@@ -8,7 +8,7 @@ import sys
 from typing import Sequence
 
 from apr.config import InputError, load
-from apr.engine.local import BATCHING
+from apr.engine.base import BATCHING
 from apr.storage import StorageError
 
 

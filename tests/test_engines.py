@@ -142,9 +142,12 @@ def test_wire_format_round_trips():
 
 @pytest.fixture(scope="module")
 def server(model_dir):
+    """`apr engine serve` with the loop the in-process engine (shrink on CPU) does not use, so
+    the tests comparing the two cover both loops."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "apr.cli", "engine", "serve", "--model",
-                             str(model_dir), "--port", str(port)], cwd=ROOT,
+                             str(model_dir), "--port", str(port), "--batching", "generate"],
+                            cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"

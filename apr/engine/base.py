@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 STOP, LENGTH, ABORT = "stop", "length", "abort"
+BATCHING = ("auto", "shrink", "generate")  # the local engine's decode loops (apr/engine/local.py)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from apr.engine.base import LENGTH, STOP, Completion, Sampling, cut_at_stop
+from apr.engine.base import BATCHING, LENGTH, STOP, Completion, Sampling, cut_at_stop
 
 
 @dataclass
@@ -46,9 +46,6 @@ class _Request:
     prompts: Sequence[str]
     sampling: Sampling
     future: asyncio.Future
-
-
-BATCHING = ("auto", "shrink", "generate")
 
 
 class LocalEngine:
