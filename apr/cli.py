@@ -8,7 +8,7 @@ import sys
 from typing import Sequence
 
 from apr.config import InputError, load
-from apr.engine.base import BATCHING
+from apr.decode.engine import BATCHING
 from apr.storage import StorageError
 
 
@@ -21,7 +21,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _datagen(args: argparse.Namespace) -> int:
-    from apr import datagen
+    from apr.stages import datagen
 
     config = load(datagen.DatagenConfig, args.config, datagen.SECTION, args.overrides)
     stats = datagen.run(config, args.out, progress=not args.no_progress)
@@ -31,7 +31,7 @@ def _datagen(args: argparse.Namespace) -> int:
 
 
 def _sft(args: argparse.Namespace) -> int:
-    from apr import sft
+    from apr.stages import sft
 
     config = load(sft.SFTConfig, args.config, sft.SECTION, args.overrides)
     result = sft.run(config, args.data, args.out, resume=args.resume,
@@ -44,7 +44,7 @@ def _sft(args: argparse.Namespace) -> int:
 
 
 def _grpo(args: argparse.Namespace) -> int:
-    from apr import grpo
+    from apr.stages import grpo
 
     config = load(grpo.GRPOConfig, args.config, grpo.SECTION, args.overrides)
     result = grpo.run(config, args.model, args.problems, args.out, engine_url=args.engine_url,
@@ -57,7 +57,7 @@ def _grpo(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from apr import evaluate
+    from apr.stages import evaluate
 
     config = load(evaluate.EvalConfig, args.config, evaluate.SECTION, args.overrides)
     metrics = evaluate.run(config, args.model, args.problems, args.out,
@@ -69,7 +69,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _publish(args: argparse.Namespace) -> int:
-    from apr import publish
+    from apr.stages import publish
 
     print(publish.run(args.model, args.store, args.name, args.version))
     return 0
@@ -91,14 +91,15 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _pipeline(args: argparse.Namespace) -> int:
-    from apr import pipeline
+    from apr.cluster import pipeline
 
     if args.pipeline_command == "compile":
-        print(pipeline.compile_yaml(args.output))
+        for path in pipeline.compile_all():
+            print(path)
     elif args.pipeline_command == "rbac":
         import yaml
 
-        from apr.k8s import rbac_manifests
+        from apr.cluster.rbac import rbac_manifests
 
         print(yaml.safe_dump_all(rbac_manifests(args.namespace, args.service_account),
                                  sort_keys=False), end="")
@@ -131,7 +132,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _engine_serve(args: argparse.Namespace) -> int:
-    from apr.engine.server import serve
+    from apr.decode.engine_server import serve
 
     serve(args.model, host=args.host, port=args.port, device=args.device,
           max_batch=args.max_batch, weight_version=args.weight_version, batching=args.batching)
@@ -143,13 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="apr", description="Adaptive Parallel Reasoning: data, training, decoding, serving")
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     p = stages.add_parser("datagen", help="Countdown problems, SoS+ and APR traces, tokenizer",
-                          description="Generate problems and solver traces (see apr/datagen.py).")
+                          description="Generate problems and solver traces (see apr/stages/datagen.py).")
     _add_config_args(p)
     p.add_argument("--out", required=True, help="output directory (must not exist)")
     p.set_defaults(run=_datagen)
 
     p = stages.add_parser("sft", help="supervised training on APR or SoS+ threads",
-                          description="Train the model from scratch (see apr/sft.py).")
+                          description="Train the model from scratch (see apr/stages/sft.py).")
     _add_config_args(p)
     p.add_argument("--data", required=True, help="an `apr datagen` output directory")
     p.add_argument("--out", required=True, help="run directory (model/, checkpoints/, logs)")
@@ -158,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_sft)
 
     p = stages.add_parser("grpo", help="RL over parent and child threads with a rollout server",
-                          description="GRPO from an SFT model (see apr/grpo.py).")
+                          description="GRPO from an SFT model (see apr/stages/grpo.py).")
     _add_config_args(p)
     p.add_argument("--model", required=True, help="the SFT model: a directory or s3:// URI")
     p.add_argument("--problems", required=True,
@@ -174,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_grpo)
 
     p = stages.add_parser("evaluate", help="APR against SoS+: accuracy, tokens, latency, plots",
-                          description="Evaluate a model on a problem split (see apr/evaluate.py).")
+                          description="Evaluate a model on a problem split (see apr/stages/evaluate.py).")
     _add_config_args(p)
     p.add_argument("--model", help="a model directory (not needed by the oracle or HTTP engines)")
     p.add_argument("--problems", required=True, help="an `apr datagen` output or problems JSONL")
@@ -201,15 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = stages.add_parser("pipeline", help="the Kubeflow pipeline: compile, submit, run locally")
     commands = p.add_subparsers(dest="pipeline_command", required=True, metavar="COMMAND")
-    c = commands.add_parser("compile", help="write the pipeline YAML for the Kubeflow UI")
-    c.add_argument("--output", default="pipelines/apr_pipeline.yaml")
+    commands.add_parser("compile", help="write pipelines/apr_pipeline.yaml (for the Kubeflow "
+                        "UI) and components/<stage>.yaml")
     c = commands.add_parser("rbac", help="the Role that lets pipeline steps run GRPO Jobs "
                             "(pipe it to `kubectl apply -f -`)")
     c.add_argument("--namespace", default="kubeflow")
     c.add_argument("--service-account", default="pipeline-runner")
     c = commands.add_parser("submit", help="upload and run the compiled pipeline (kfp.Client)")
     c.add_argument("--host", required=True, help="the KFP API, e.g. http://localhost:8080")
-    c.add_argument("--package", default="pipelines/apr_pipeline.yaml")
+    c.add_argument("--package", default=None, help="a compiled pipeline (default: the "
+                   "checkout's pipelines/apr_pipeline.yaml)")
     c.add_argument("--experiment", default="apr")
     c.add_argument("--arg", action="append", default=[], metavar="NAME=VALUE",
                    help="a pipeline parameter, e.g. preset=gpu-small (repeatable)")
@@ -259,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (InputError, FileExistsError, FileNotFoundError, StorageError) as e:
         print(f"apr {args.stage}: error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:  # a stage's own fault report (GRPOError, SidecarError, ...)
+    except RuntimeError as e:  # a stage's own fault report (GRPOError, RolloutServerError, ...)
         if type(e).__module__.startswith("apr."):
             print(f"apr {args.stage}: error: {e}", file=sys.stderr)
             return 1

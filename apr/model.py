@@ -7,11 +7,10 @@ tokenizer files: `AutoModelForCausalLM` / `AutoTokenizer` load it, and it is wha
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from apr import atomic
 from apr import tokenizer as domain_tokenizer
 
 
@@ -101,14 +100,9 @@ def save(model, directory: str | Path) -> Path:
     """Write an HF model directory (safetensors + tokenizer), atomically: temp dir, then rename."""
     _quiet_transformers()
     directory = Path(directory)
-    partial = directory.with_name(directory.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    model.save_pretrained(partial, safe_serialization=True)
-    domain_tokenizer.save(partial, model_max_length=model.config.max_position_embeddings)
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(partial, directory)
+    with atomic.partial_dir(directory, replace=True) as partial:
+        model.save_pretrained(partial, safe_serialization=True)
+        domain_tokenizer.save(partial, model_max_length=model.config.max_position_embeddings)
     return directory
 
 

@@ -23,6 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, TypeVar
 from urllib.parse import urlparse
 
+from apr import atomic
 from apr.config import InputError
 
 MANIFEST = "_MANIFEST.json"
@@ -57,9 +58,12 @@ class S3Settings:
     region: str | None = None
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> S3Settings:
+    def from_env(cls, env: dict[str, str] | None = None, endpoint: str = "") -> S3Settings:
+        """Credentials from `env` (the process environment by default); `endpoint`, when
+        given, wins over the environment's (a pipeline parameter, say)."""
         env = dict(os.environ if env is None else env)
-        url = env.get("S3_ENDPOINT") or env.get("AWS_ENDPOINT_URL") or env.get("MINIO_ENDPOINT")
+        url = (endpoint or env.get("S3_ENDPOINT") or env.get("AWS_ENDPOINT_URL")
+               or env.get("MINIO_ENDPOINT"))
         access = env.get("AWS_ACCESS_KEY_ID") or env.get("MINIO_ACCESS_KEY")
         secret = env.get("AWS_SECRET_ACCESS_KEY") or env.get("MINIO_SECRET_KEY")
         if not url or not access or not secret:
@@ -68,6 +72,10 @@ class S3Settings:
         parsed = urlparse(url if "://" in url else f"http://{url}")
         return cls(parsed.netloc, parsed.scheme == "https", access, secret,
                    env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"))
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.secure else 'http'}://{self.endpoint}"
 
     def client(self):
         from minio import Minio
@@ -78,6 +86,11 @@ class S3Settings:
 
 def is_remote(uri: str | Path) -> bool:
     return str(uri).startswith("s3://")
+
+
+def settings_for(uri: str | Path, endpoint: str = "") -> S3Settings | None:
+    """The settings an s3:// URI needs (see `S3Settings.from_env`); None for a local path."""
+    return S3Settings.from_env(endpoint=endpoint) if is_remote(uri) else None
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -130,15 +143,10 @@ def upload(local: str | Path, uri: str | Path, settings: S3Settings | None = Non
         raise InputError(f"{local} is not a directory")
     manifest = manifest_of(local)
     if not is_remote(uri):
-        target = Path(uri)
-        partial = target.with_name(target.name + ".partial")
-        if partial.exists():
-            shutil.rmtree(partial)
-        shutil.copytree(local, partial, ignore=shutil.ignore_patterns(MANIFEST))
-        (partial / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(partial, target)
+        with atomic.partial_dir(uri, replace=True) as partial:
+            shutil.copytree(local, partial, ignore=shutil.ignore_patterns(MANIFEST),
+                            dirs_exist_ok=True)
+            (partial / MANIFEST).write_text(json.dumps(manifest, indent=1))
         return manifest
     settings = settings or S3Settings.from_env()
     client = settings.client()
@@ -194,32 +202,24 @@ def download(uri: str | Path, local: str | Path, settings: S3Settings | None = N
     """Fetch a complete artifact into `local` (created whole or not at all), verifying every file."""
     local = Path(local)
     manifest = read_manifest(uri, settings)
-    partial = local.with_name(local.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    if is_remote(uri):
-        settings = settings or S3Settings.from_env()
-        client = settings.client()
-        bucket, prefix = split_uri(str(uri))
-    for relative, expected in manifest["files"].items():
-        path = PurePosixPath(relative)
-        if path.is_absolute() or ".." in path.parts:
-            shutil.rmtree(partial)
-            raise StorageError(f"{uri}/{MANIFEST} names {relative!r}, a path outside the "
-                               "artifact: refusing to write it")
-        target = partial / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic.partial_dir(local, replace=True) as partial:
         if is_remote(uri):
-            name = f"{prefix}/{relative}" if prefix else relative
-            retry(lambda: client.fget_object(bucket, name, str(target)), f"download {relative}")
-        else:
-            shutil.copyfile(Path(uri) / relative, target)
-        if target.stat().st_size != expected["size"] or sha256(target) != expected["sha256"]:
-            shutil.rmtree(partial)
-            raise ChecksumMismatch(f"{uri}/{relative} does not match its manifest checksum")
-    (partial / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    if local.exists():
-        shutil.rmtree(local)
-    os.replace(partial, local)
+            settings = settings or S3Settings.from_env()
+            client = settings.client()
+            bucket, prefix = split_uri(str(uri))
+        for relative, expected in manifest["files"].items():
+            path = PurePosixPath(relative)
+            if path.is_absolute() or ".." in path.parts:
+                raise StorageError(f"{uri}/{MANIFEST} names {relative!r}, a path outside the "
+                                   "artifact: refusing to write it")
+            target = partial / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if is_remote(uri):
+                name = f"{prefix}/{relative}" if prefix else relative
+                retry(lambda: client.fget_object(bucket, name, str(target)), f"download {relative}")
+            else:
+                shutil.copyfile(Path(uri) / relative, target)
+            if target.stat().st_size != expected["size"] or sha256(target) != expected["sha256"]:
+                raise ChecksumMismatch(f"{uri}/{relative} does not match its manifest checksum")
+        (partial / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return local

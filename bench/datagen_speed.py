@@ -17,7 +17,7 @@ import time
 from apr.countdown.problems import ProblemSpace, candidates
 from apr.countdown.search import apr_search, sos_search
 from apr.countdown.threads import apr_threads, sos_threads
-from apr.datagen import AprSolverConfig, SosSolverConfig
+from apr.stages.datagen import AprSolverConfig, SosSolverConfig
 
 REFERENCE = {"problems/s": 250.0, "APR traces/s": 770.0, "SoS+ traces/s": 2190.0}
 

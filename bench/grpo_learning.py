@@ -9,7 +9,7 @@ starts it again):
 
     python bench/grpo_learning.py --workdir runs/grpo-bench
     python bench/grpo_learning.py --workdir runs/grpo-bench-gpu --numbers 4 --num-max 99 \
-        --target-max 100 --sft-preset small --sft-steps 3000   (an H100; not measured yet)
+        --target-max 100 --sft-shape small --sft-steps 3000   (an H100; not measured yet)
 
 `--fixed-problems 8` checks the loop itself: GRPO trains and validates on the same first 8
 validation problems every step, so the sampled reward on them should rise within a few steps
@@ -32,8 +32,8 @@ import statistics
 import time
 from pathlib import Path
 
-from apr import datagen, grpo, sft
 from apr.config import load
+from apr.stages import datagen, grpo, sft
 
 
 def main() -> None:
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--target-max", type=int, default=40)
     parser.add_argument("--train-problems", type=int, default=3000)
     parser.add_argument("--val-problems", type=int, default=200)
-    parser.add_argument("--sft-preset", default="tiny")
+    parser.add_argument("--sft-shape", default="tiny")
     parser.add_argument("--sft-steps", type=int, default=2000)
     parser.add_argument("--steps", type=int, default=30, help="GRPO steps")
     parser.add_argument("--grpo-set", action="append", default=[], metavar="KEY=VALUE")
@@ -65,7 +65,7 @@ def main() -> None:
     datagen_s = time.perf_counter() - started
     if not (sft_out / "model" / "config.json").is_file():
         config = load(sft.SFTConfig, "local", sft.SECTION, [
-            f"preset={args.sft_preset}", f"max_steps={args.sft_steps}", "context=2048",
+            f"shape={args.sft_shape}", f"max_steps={args.sft_steps}", "context=2048",
             "tokens_per_batch=12288", "warmup_steps=20", "eval_every=200",
             "checkpoint_every=100"])
         sft.run(config, data, sft_out, resume=True, progress=False)
@@ -89,7 +89,7 @@ def main() -> None:
     records = [json.loads(line) for line in (grpo_out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "reward" in r]
     print(f"\ndatagen {datagen_s:.0f} s, SFT {sft_s:.0f} s, GRPO {grpo_s:.0f} s "
-          f"({args.numbers}-number Countdown, {args.sft_preset} model, {args.steps} GRPO steps)")
+          f"({args.numbers}-number Countdown, {args.sft_shape} model, {args.steps} GRPO steps)")
     print("\n| step | val accuracy (greedy) | val reward (sampled) | val children "
           "| train reward (last 5 steps) |")
     print("|---:|---:|---:|---:|---:|")

@@ -27,9 +27,9 @@ import time
 import torch
 
 from apr.countdown.trace import SPAWN_END
-from apr.engine.local import DecodeStats, LocalEngine
-from apr.evaluate import EvalConfig, evaluate, load_problems
-from apr.runtime import Budgets, solve_apr
+from apr.decode.local import DecodeStats, LocalEngine
+from apr.decode.runtime import Budgets, solve_apr
+from apr.stages.evaluate import EvalConfig, evaluate, load_problems
 
 
 def baseline_ms_per_step(model, batch: int, new_tokens: int, static: bool, warmups: int

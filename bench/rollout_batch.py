@@ -7,7 +7,7 @@ A GRPO step of the CPU benchmark is 8 problems x 8 sampled APR rollouts, all in 
 once: 64 parents, then a few hundred children in one wave. With `max_batch` 64 the children
 decode in several batches, one after another. `generate` runs each batch as long as its
 longest row; `shrink` drops rows as they end. This times the same rollouts
-(`apr.rollouts.collect`, temperature and log-probs as GRPO asks) through one in-process engine
+(`apr.rl.rollouts.collect`, temperature and log-probs as GRPO asks) through one in-process engine
 whose loop and batch size (`batching:max_batch`) are set before each run, the settings taking
 turns in each round so that a busy machine slows them alike, and prints seconds per step,
 generated tokens per second and each setting's ratio to the first (the baseline).
@@ -20,10 +20,10 @@ import asyncio
 import statistics
 import time
 
-from apr.engine.local import BATCHING, DecodeStats, LocalEngine
-from apr.evaluate import load_problems
-from apr.rollouts import collect
-from apr.runtime import Budgets
+from apr.decode.local import BATCHING, DecodeStats, LocalEngine
+from apr.decode.runtime import Budgets
+from apr.rl.rollouts import collect
+from apr.stages.evaluate import load_problems
 
 
 def main() -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -23,11 +22,8 @@ from collections import Counter
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from apr.ports import free_port
+from apr.summary import percentile
 
 
 def rss_mib(pid: int) -> float:
@@ -71,11 +67,6 @@ async def load(url: str, clients: int, seconds: float, log: list) -> None:
                 log.append((time.time(), status, time.perf_counter() - started))
 
     await asyncio.gather(*(client(k) for k in range(clients)))
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 def main() -> None:

@@ -4,7 +4,7 @@
     python bench/sft_throughput.py --data runs/grpo-bench/data --preset tiny --steps 3 --context 1024
 
 Baseline: `LlamaForCausalLM` with its own loss on dense random batches (every token real,
-no padding), bf16 autocast and fused AdamW, eager (and compiled with `--compile`). Ours: `apr.sft`'s model,
+no padding), bf16 autocast and fused AdamW, eager (and compiled with `--compile`). Ours: `apr.stages.sft`'s model,
 optimizer and loss on real threads, in both layouts (length buckets; packed rows with attention
 kept inside each sequence); only non-padding tokens count. All run in the same process, one
 after the other, after warm-up steps.
@@ -20,8 +20,14 @@ import numpy as np
 import torch
 
 from apr import model as model_lib
-from apr.data import Layout, load_sequences
-from apr.sft import SFTConfig, flops_per_token, make_optimizer, tensors, token_loss
+from apr.stages.sft import (
+    SFTConfig,
+    flops_per_token,
+    make_optimizer,
+    tensors,
+    token_loss,
+)
+from apr.train.data import Layout, load_sequences
 
 
 def timed_steps(step, warmup: int, steps: int, device) -> float:

@@ -7,19 +7,24 @@ import random
 import subprocess
 import sys
 import time
-from pathlib import Path
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import httpx
 import pytest
 from hypothesis import settings
 
-from apr.sidecar import free_port
 from apr.countdown.problems import Problem, ProblemSpace, candidates
 from apr.countdown.search import (
-    HEURISTICS, AprTrace, SearchParams, SosTrace, apr_search, sos_search,
+    HEURISTICS,
+    AprTrace,
+    SearchParams,
+    SosTrace,
+    apr_search,
+    sos_search,
 )
+from apr.ports import free_port
 
 # Property tests: modest by default (the suite stays fast); HYPOTHESIS_PROFILE=thorough for more.
 settings.register_profile("default", max_examples=100, deadline=None)
@@ -100,8 +105,8 @@ def small_sos_corpus() -> tuple[Solved, ...]:
 def make_dataset(out: Path, train: int, val: int, seed: int, chunk: int = 10,
                  n_numbers: int = 4) -> Path:
     """A small `apr datagen` output (no test split), for the stages that read one."""
-    from apr import datagen
     from apr.config import from_dict
+    from apr.stages import datagen
 
     config = from_dict(datagen.DatagenConfig, {
         "problems": {"train_size": train, "val_size": val, "test_size": 0, "seed": seed,

@@ -9,7 +9,13 @@ import yaml
 
 from apr import cli
 from apr.config import ConfigError, apply_override, dump, load
-from apr.datagen import SECTION, AprSolverConfig, DatagenConfig, ProblemsConfig, SosSolverConfig
+from apr.stages.datagen import (
+    SECTION,
+    AprSolverConfig,
+    DatagenConfig,
+    ProblemsConfig,
+    SosSolverConfig,
+)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "apr" / "presets"
 

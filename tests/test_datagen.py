@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from apr import datagen
 from apr.config import load
-from apr.countdown.trace import verify, verify_text
 from apr.countdown.problems import ProblemSpace, candidate
-from apr.datagen import DatagenConfig
+from apr.countdown.trace import verify, verify_text
+from apr.stages import datagen
+from apr.stages.datagen import DatagenConfig
 from apr.tokenizer import TOKENIZER_FILES
 
 SIZES = {"val": 20, "test": 20, "train": 60}

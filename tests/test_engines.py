@@ -14,12 +14,23 @@ import httpx
 import pytest
 
 from apr import model as model_lib
-from apr.engine.base import LENGTH, STOP, Completion, EngineError, Sampling, cut_at_stop
-from apr.engine.local import LocalEngine
-from apr.sidecar import free_port
-from apr.engine.sglang import (
-    SAMPLING_KEYS, SGLangEngine, completion_json, generate_payload, parse_completion,
+from apr.decode.engine import (
+    LENGTH,
+    STOP,
+    Completion,
+    EngineError,
+    Sampling,
+    cut_at_stop,
 )
+from apr.decode.local import LocalEngine
+from apr.decode.sglang import (
+    SAMPLING_KEYS,
+    SGLangEngine,
+    completion_json,
+    generate_payload,
+    parse_completion,
+)
+from apr.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Moving to Node #0\nCurrent State: 24:[1, 2, 3, 4], Operations: []\n"
@@ -280,7 +291,7 @@ def test_logprobs_of_a_padded_batch_are_each_rows_own(model_dir, batching):
     import torch
 
     from apr import tokenizer as domain_tokenizer
-    from apr.grpo import token_logprobs
+    from apr.rl.losses import token_logprobs
 
     engine = LocalEngine(model_dir, batching=batching)
     prompts = [PROMPT, "Current State: 50:[5, 10], Operations: []\n"]

@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-
-from apr import evaluate, model as model_lib
-from apr.config import ConfigError, from_dict, load
-from apr.evaluate import EvalConfig, summarize
 from conftest import make_dataset
+
+from apr import model as model_lib
+from apr.config import ConfigError, from_dict, load
+from apr.stages import evaluate
+from apr.stages.evaluate import EvalConfig, summarize
 
 OUTPUTS = {"results.jsonl", "metrics.json", "report.md", "config.yaml",
            "accuracy_vs_context.png", "accuracy_vs_total_tokens.png", "accuracy_vs_latency.png"}

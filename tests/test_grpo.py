@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from apr.config import ConfigError, load
-from apr.grpo import GRPOConfig, clipped_policy_loss, group_advantages, grpo_loss, kl_to_reference
+from apr.rl.losses import (
+    clipped_policy_loss,
+    group_advantages,
+    grpo_loss,
+    kl_to_reference,
+)
+from apr.stages.grpo import GRPOConfig
 
 
 def test_group_advantages_normalise_within_each_group():
@@ -79,8 +85,8 @@ def test_grpo_loss_adds_the_weighted_kl():
     old = torch.zeros(1, 2)
     logp = torch.tensor([[-0.1, -0.2]])
     ref = torch.tensor([[-0.5, -0.5]])
-    config = GRPOConfig(kl_beta=0.5)
-    total, parts = grpo_loss(logp, old, ref, torch.tensor([1.0]), torch.ones(1, 2), config)
+    total, parts = grpo_loss(logp, old, ref, torch.tensor([1.0]), torch.ones(1, 2), clip=0.2,
+                             kl_beta=0.5)
     assert total.item() == pytest.approx(parts["policy_loss"] + 0.5 * parts["kl"], rel=1e-6)
 
 

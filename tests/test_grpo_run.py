@@ -17,17 +17,17 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import S3_KEYS, ServedApp, make_dataset
 from safetensors.torch import load_file
 
 from apr import model as model_lib
 from apr import storage
 from apr.config import from_dict
-from apr.data import read_records
-from apr.engine.base import LENGTH
-from apr.engine.oracle import OracleEngine
-from apr.engine.server import create_app
-from apr.grpo import GRPOConfig, GRPOError, run, validate
-from conftest import S3_KEYS, ServedApp, make_dataset
+from apr.dataset import read_records
+from apr.decode.engine import LENGTH
+from apr.decode.engine_server import create_app
+from apr.decode.oracle import OracleEngine
+from apr.stages.grpo import GRPOConfig, GRPOError, run, validate
 
 
 class ScriptedEngine:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import kubernetes_validate
 import pytest
 
-from apr.k8s import GRPOJobSpec, grpo_job
+from apr.cluster.grpo_job import GRPOJobSpec, grpo_job
 
 
 @pytest.fixture

@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 import kubernetes
 import kubernetes_validate
 import pytest
+from conftest import ServedApp
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from apr import launch
-from apr.k8s import GRPOJobSpec, grpo_job, rbac_manifests
-from apr.launch import JobFailed, LaunchError, launch_job
-from conftest import ServedApp
+from apr.cluster import jobs as launch
+from apr.cluster.grpo_job import GRPOJobSpec, grpo_job
+from apr.cluster.jobs import JobFailed, LaunchError, launch_job
+from apr.cluster.rbac import rbac_manifests
 
 NAME, NS = "grpo-run-1", "kubeflow"
 LINES = ("step 1 loss 0.91", "step 2 loss 0.74", '{"step": 3, "loss": 0.52}', "saved checkpoint")

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, strategies as st
+from conftest import problems
+from hypothesis import given
+from hypothesis import strategies as st
 
 from apr.countdown.problems import (
-    Problem, ProblemSpace, candidate, candidates, find_solution, reachable, solvable,
+    Problem,
+    ProblemSpace,
+    candidate,
+    candidates,
+    find_solution,
+    reachable,
+    solvable,
 )
 from apr.countdown.trace import operation, verify
-
-from conftest import problems
 
 COUNTS = {2: 40, 3: 40, 4: 40, 5: 6, 6: 3}  # five and six numbers are slower to generate
 

@@ -7,14 +7,15 @@ import asyncio
 from dataclasses import replace
 
 import pytest
+from conftest import make_dataset
 
 from apr import tokenizer as domain_tokenizer
+from apr.countdown.threads import APR
 from apr.countdown.trace import JOIN_START
-from apr.data import read_records
-from apr.engine.oracle import OracleEngine
-from apr.rollouts import Rollout, StalePolicy, check_version, collect, training_rows
-from apr.runtime import APR, Budgets
-from conftest import make_dataset
+from apr.dataset import read_records
+from apr.decode.oracle import OracleEngine
+from apr.decode.runtime import Budgets
+from apr.rl.rollouts import Rollout, StalePolicy, check_version, collect, training_rows
 
 
 @pytest.fixture(scope="module")

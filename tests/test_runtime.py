@@ -10,12 +10,19 @@ import pytest
 from apr.countdown.problems import ProblemSpace, candidates
 from apr.countdown.search import apr_search, sos_search
 from apr.countdown.threads import apr_threads, sos_threads
-from apr.datagen import AprSolverConfig, SosSolverConfig
-from apr.engine.base import LENGTH, STOP, Completion, Sampling
-from apr.engine.oracle import OracleEngine
-from apr.runtime import (
-    Budgets, Solve, Vote, child_outcome, root_prompt, solve_apr, solve_sos, spawned_children,
+from apr.decode.engine import LENGTH, STOP, Completion, Sampling
+from apr.decode.oracle import OracleEngine
+from apr.decode.runtime import (
+    Budgets,
+    Solve,
+    Vote,
+    child_outcome,
+    root_prompt,
+    solve_apr,
+    solve_sos,
+    spawned_children,
 )
+from apr.stages.datagen import AprSolverConfig, SosSolverConfig
 
 UNLIMITED = Budgets(context=1 << 20)
 

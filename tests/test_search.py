@@ -7,20 +7,45 @@ import random
 import statistics
 
 import pytest
-from hypothesis import given, strategies as st
+from conftest import corpus, problems
+from hypothesis import given
+from hypothesis import strategies as st
 
 from apr.countdown.problems import ProblemSpace, candidates
 from apr.countdown.search import (
-    ROOT_ID, Heuristic, SearchParams, apr_search, combinations, heuristic, sos_search, successors,
+    ROOT_ID,
+    Heuristic,
+    SearchParams,
+    apr_search,
+    combinations,
+    heuristic,
+    sos_search,
+    successors,
 )
 from apr.countdown.trace import (
-    DeadEnd, DiveEnd, DiveFailed, DiveStart, Exhausted, Explore, Generated, Goal, JoinEnd,
-    JoinGoal, JoinNoSolution, JoinStart, Move, SpawnChild, SpawnEnd, SpawnStart, State, parse,
-    render, solution_path, verify,
+    DeadEnd,
+    DiveEnd,
+    DiveFailed,
+    DiveStart,
+    Exhausted,
+    Explore,
+    Generated,
+    Goal,
+    JoinEnd,
+    JoinGoal,
+    JoinNoSolution,
+    JoinStart,
+    Move,
+    SpawnChild,
+    SpawnEnd,
+    SpawnStart,
+    State,
+    parse,
+    render,
+    solution_path,
+    verify,
 )
-from apr.datagen import AprSolverConfig, SosSolverConfig
-
-from conftest import corpus, problems
+from apr.stages.datagen import AprSolverConfig, SosSolverConfig
 
 SPAWN_OR_JOIN = (SpawnStart, SpawnChild, SpawnEnd, JoinStart, JoinGoal, JoinNoSolution, JoinEnd)
 DIVES = (DiveStart, DiveEnd, DiveFailed)

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -18,8 +17,9 @@ from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from apr.engine.base import EngineError
-from apr.engine.oracle import OracleEngine
+from apr.decode.engine import EngineError
+from apr.decode.oracle import OracleEngine
+from apr.ports import free_port
 from apr.serve.app import ServerLimits, create_app
 from apr.serve.metrics import ALL
 from tests.test_runtime import records
@@ -188,10 +188,6 @@ class Sleepy:
         pass
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_prometheus_scrapes_the_server_and_sees_its_latency(corpus, tmp_path):

@@ -12,15 +12,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from apr import model as model_lib, sft, tokenizer
-from apr.config import ConfigError, from_dict, load
-from apr.data import (
-    DataError, Layout, Sequences, build_sequences, collate, collate_packed, load_sequences,
-    plan_batches, plan_packed,
-)
-from apr.sft import SFTConfig
 from conftest import make_dataset
+
+from apr import model as model_lib
+from apr import tokenizer
+from apr.config import ConfigError, from_dict, load
+from apr.dataset import DataError
+from apr.stages import sft
+from apr.stages.sft import SFTConfig
+from apr.train.data import (
+    Layout,
+    Sequences,
+    build_sequences,
+    collate,
+    collate_packed,
+    load_sequences,
+    plan_batches,
+    plan_packed,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +40,7 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def tiny(**overrides) -> SFTConfig:
-    base = {"preset": "tiny", "traces": "sos", "context": 1024, "tokens_per_batch": 2048,
+    base = {"shape": "tiny", "traces": "sos", "context": 1024, "tokens_per_batch": 2048,
             "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "weight_decay": 0.0,
             "log_every": 1, "eval_every": 1000, "checkpoint_every": 1000, "dtype": "fp32",
             "max_steps": 6, "pad_multiple": 16}
@@ -222,10 +231,10 @@ def test_presets_have_the_documented_sizes():
 
 
 @pytest.mark.parametrize("override, words", [
-    (["preset=huge"], ["sft.preset", "huge", "tiny"]),
+    (["shape=huge"], ["sft.shape", "huge", "tiny"]),
     (["tokens_per_batch=100", "context=512"], ["sft.tokens_per_batch", "context"]),
     (["traces=both"], ["sft.traces", "apr", "sos"]),
-    (["context=8192", "preset=tiny"], ["sft.context", "4096"]),
+    (["context=8192", "shape=tiny"], ["sft.context", "4096"]),
 ])
 def test_bad_config_fails_before_training_with_the_key(override, words):
     with pytest.raises(ConfigError) as e:
@@ -258,7 +267,7 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
     from apr.cli import main
 
     code = main(["sft", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o"),
-                 "--set", "preset=tiny", "--set", "context=1024", "--set", "tokens_per_batch=4096"])
+                 "--set", "shape=tiny", "--set", "context=1024", "--set", "tokens_per_batch=4096"])
     assert code == 2
     assert "does not exist" in capsys.readouterr().err
 
@@ -266,7 +275,7 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
 def test_torchrun_ddp_matches_one_process_with_the_same_global_batch(dataset, tmp_path):
     """Two gloo processes with one micro-batch each take the same steps as one process
     accumulating two micro-batches."""
-    common = ["--data", str(dataset), "--no-progress", "--set", "preset=tiny",
+    common = ["--data", str(dataset), "--no-progress", "--set", "shape=tiny",
               "--set", "traces=sos", "--set", "context=1024", "--set", "tokens_per_batch=4096",
               "--set", "max_steps=3", "--set", "dtype=fp32", "--set", "log_every=1",
               "--set", "pad_multiple=16", "--set", "eval_every=100"]

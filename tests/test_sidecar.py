@@ -11,10 +11,12 @@ import torch
 
 from apr import model as model_lib
 from apr import tokenizer as domain_tokenizer
-from apr.engine.base import Sampling
-from apr.engine.sglang import SGLangEngine
-from apr.grpo import GRPOConfig, Trainer, push_weights, token_logprobs
-from apr.sidecar import Sidecar, SidecarError
+from apr.decode.engine import Sampling
+from apr.decode.rollout_server import ENGINE_SERVE, RolloutServer, RolloutServerError
+from apr.decode.sglang import SGLangEngine
+from apr.rl.losses import token_logprobs
+from apr.rl.trainer import Trainer, push_weights
+from apr.stages.grpo import GRPOConfig
 
 PROMPT = "Moving to Node #0\nCurrent State: 24:[3, 8, 2], Operations: []\n"
 
@@ -46,41 +48,41 @@ def _pid_in(path) -> int:
 
 
 def test_a_server_that_never_answers_fails_with_its_log(tmp_path):
-    sidecar = Sidecar(tmp_path, tmp_path / "server.log", kind="apr", startup_timeout_s=1.5)
+    sidecar = RolloutServer(tmp_path, tmp_path / "server.log", kind=ENGINE_SERVE, startup_timeout_s=1.5)
     sidecar.command = [sys.executable, "-c", f"import os, time; open({str(tmp_path / 'pid')!r}, "
                        "'w').write(str(os.getpid())); print('loading...', flush=True); "
                        "time.sleep(60)"]
-    with pytest.raises(SidecarError, match=r"did not answer /health within 2 s[\s\S]*loading"):
+    with pytest.raises(RolloutServerError, match=r"did not answer /health within 2 s[\s\S]*loading"):
         sidecar.start()
     assert _gone(_pid_in(tmp_path / "pid"))  # and it was stopped
 
 
 def test_a_server_that_exits_is_reported_and_its_children_stopped(tmp_path):
     """SGLang's scheduler processes are the server's children: they must not outlive it."""
-    sidecar = Sidecar(tmp_path, tmp_path / "server.log", kind="apr", startup_timeout_s=30)
+    sidecar = RolloutServer(tmp_path, tmp_path / "server.log", kind=ENGINE_SERVE, startup_timeout_s=30)
     sidecar.command = [sys.executable, "-c", (
         "import subprocess, sys, time; child = subprocess.Popen(['sleep', '60']); "
         f"open({str(tmp_path / 'pid')!r}, 'w').write(str(child.pid)); "
         "print('CUDA out of memory', flush=True); time.sleep(0.5); sys.exit(3)")]
-    with pytest.raises(SidecarError, match=r"exited with code 3[\s\S]*CUDA out of memory"):
+    with pytest.raises(RolloutServerError, match=r"exited with code 3[\s\S]*CUDA out of memory"):
         sidecar.start()
     assert _gone(_pid_in(tmp_path / "pid"))
 
 
 def test_an_interrupted_start_leaves_no_server(tmp_path, monkeypatch):
-    import apr.sidecar
+    import apr.decode.rollout_server
 
-    sidecar = Sidecar(tmp_path, tmp_path / "server.log", kind="apr", startup_timeout_s=30)
+    sidecar = RolloutServer(tmp_path, tmp_path / "server.log", kind=ENGINE_SERVE, startup_timeout_s=30)
     sidecar.command = [sys.executable, "-c", f"import os, time; open({str(tmp_path / 'pid')!r}, "
                        "'w').write(str(os.getpid())); time.sleep(60)"]
-    real_get = apr.sidecar.httpx.get
+    real_get = apr.decode.rollout_server.httpx.get
 
     def interrupted(*args, **kwargs):  # Ctrl-C while waiting for the server's health
         if (tmp_path / "pid").exists():
             raise KeyboardInterrupt
         return real_get(*args, **kwargs)
 
-    monkeypatch.setattr(apr.sidecar.httpx, "get", interrupted)
+    monkeypatch.setattr(apr.decode.rollout_server.httpx, "get", interrupted)
     with pytest.raises(KeyboardInterrupt):
         sidecar.start()
     assert _gone(_pid_in(tmp_path / "pid"))
@@ -99,7 +101,7 @@ def test_after_a_weight_update_the_server_scores_text_as_the_trainer(model_dir, 
             p.add_(torch.randn_like(p) * 0.05)
 
     async def scenario():
-        with Sidecar(model_dir, tmp_path / "server.log", kind="apr", device="cpu",
+        with RolloutServer(model_dir, tmp_path / "server.log", kind=ENGINE_SERVE, device="cpu",
                      startup_timeout_s=120) as sidecar:
             engine = SGLangEngine(sidecar.url)
             sampling = Sampling(40, temperature=1.0, logprobs=True)

@@ -7,12 +7,11 @@ import json
 import os
 
 import pytest
+from conftest import S3_KEYS as KEYS
 
 from apr import storage
 from apr.config import InputError
 from apr.storage import ChecksumMismatch, IncompleteArtifact, S3Settings
-
-from conftest import S3_KEYS as KEYS
 
 
 @pytest.fixture

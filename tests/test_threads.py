@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 from apr.countdown.search import PROMPT_EVENTS
-from apr.countdown.threads import CHILD, PARENT, Thread, apr_threads, final_text, sos_threads
+from apr.countdown.threads import (
+    CHILD,
+    PARENT,
+    Thread,
+    apr_threads,
+    final_text,
+    sos_threads,
+)
 from apr.countdown.trace import (
-    SPAWN_END, SUB_CALL_BUDGET, TOKEN_BUDGET, Budget, State, parse, render, render_line,
+    SPAWN_END,
+    SUB_CALL_BUDGET,
+    TOKEN_BUDGET,
+    Budget,
+    State,
+    parse,
+    render,
+    render_line,
 )
 
 

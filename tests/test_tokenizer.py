@@ -6,7 +6,8 @@ from __future__ import annotations
 import string
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from apr import tokenizer as tk
 from apr.countdown.threads import apr_threads, sos_threads

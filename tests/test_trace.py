@@ -4,16 +4,42 @@ the verifier."""
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from apr.countdown import trace
 from apr.countdown.trace import (
-    SUB_CALL_BUDGET, TOKEN_BUDGET, Budget, DeadEnd, DiveEnd, DiveFailed, DiveStart, Exhausted,
-    Explore, Generated, Goal, JoinEnd, JoinGoal, JoinNoSolution, JoinStart, Move, ParsedTrace,
-    SpawnChild, SpawnEnd, SpawnStart, State, operation, parse, parse_line, render, render_line,
-    solution_path, token_budget, verify, verify_text,
+    SUB_CALL_BUDGET,
+    TOKEN_BUDGET,
+    Budget,
+    DeadEnd,
+    DiveEnd,
+    DiveFailed,
+    DiveStart,
+    Exhausted,
+    Explore,
+    Generated,
+    Goal,
+    JoinEnd,
+    JoinGoal,
+    JoinNoSolution,
+    JoinStart,
+    Move,
+    ParsedTrace,
+    SpawnChild,
+    SpawnEnd,
+    SpawnStart,
+    State,
+    operation,
+    parse,
+    parse_line,
+    render,
+    render_line,
+    solution_path,
+    token_budget,
+    verify,
+    verify_text,
 )
-
 
 
 def typed(events):

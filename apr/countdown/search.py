@@ -20,9 +20,29 @@ from operator import attrgetter, itemgetter
 from typing import Callable, Sequence
 
 from apr.countdown.trace import (
-    DiveEnd, DiveFailed, DiveStart, Event, Exhausted, JoinEnd, JoinGoal, JoinNoSolution,
-    JoinStart, Nums, Operation, SpawnChild, SpawnEnd, SpawnStart, dead_end_line, explore_line,
-    format_nums, generated_line, goal_line, move_line, operation_text, parse, render_lines,
+    DiveEnd,
+    DiveFailed,
+    DiveStart,
+    Event,
+    Exhausted,
+    JoinEnd,
+    JoinGoal,
+    JoinNoSolution,
+    JoinStart,
+    Nums,
+    Operation,
+    SpawnChild,
+    SpawnEnd,
+    SpawnStart,
+    dead_end_line,
+    explore_line,
+    format_nums,
+    generated_line,
+    goal_line,
+    move_line,
+    operation_text,
+    parse,
+    render_lines,
     state_line,
 )
 

@@ -14,12 +14,17 @@ from dataclasses import dataclass
 from apr.countdown.search import PROMPT_EVENTS, AprTrace, SosTrace
 from apr.countdown.trace import Budget
 
-PARENT, CHILD = "parent", "child"
+PARENT, CHILD = "parent", "child"  # a thread's role
+ROLES = (PARENT, CHILD)
+# The two trace styles, and so the two decoding modes: APR (spawn and join child threads) and
+# SoS+ (the same search serialized in one thread).
+APR, SOS = "apr", "sos"
+STYLES = (APR, SOS)
 
 
 @dataclass(frozen=True, slots=True)
 class Thread:
-    role: str  # "parent" (a segment of the parent thread) or "child"
+    role: str  # PARENT (a segment of the parent thread) or CHILD
     prompt: str  # what the model is given
     text: str  # what the model must write
     spawn: int  # parent: its segment index; child: the spawn it belongs to

@@ -21,9 +21,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, field_validator
 
 from apr import __version__
-from apr.countdown.trace import SPAWN_END
-from apr.engine.base import Engine, EngineError, Sampling
-from apr.runtime import Budgets, solve_apr
+from apr.decode.engine import Engine, EngineError, Sampling
+from apr.decode.runtime import ROLE, Budgets, solve_apr
 from apr.serve.metrics import Metrics
 
 
@@ -77,7 +76,7 @@ class InstrumentedEngine:
         self.weight_version = None
 
     async def generate(self, prompts: Sequence[str], sampling: Sampling):
-        role = "parent" if SPAWN_END in sampling.stop else "child"
+        role = ROLE.get()  # said by the runtime, which knows what it decodes
         started = time.perf_counter()
         try:
             return await self.engine.generate(prompts, sampling)
@@ -208,11 +207,11 @@ def serve(engine_name: str, engine_url: str = "", model: str | None = None,
     import uvicorn
 
     if engine_name in ("sglang", "server"):
-        from apr.engine.sglang import SGLangEngine
+        from apr.decode.sglang import SGLangEngine
 
         engine = SGLangEngine(engine_url, timeout_s=limits.request_timeout_s)
     else:
-        from apr.engine.local import LocalEngine
+        from apr.decode.local import LocalEngine
 
         engine = LocalEngine(model)
     uvicorn.run(create_app(engine, limits, token, engine_name), host=host, port=port,

@@ -1,0 +1,102 @@
+"""Write, then rename: an output appears complete, or not at all.
+
+Every stage writes its outputs here first under `<name>.partial`, which a later run clears
+(a killed writer left it, so it is incomplete by construction), fsyncs what it wrote, then
+renames it into place. A reader therefore never sees half an output under its real name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+PARTIAL = ".partial"
+
+
+def partial_path(final: str | Path) -> Path:
+    final = Path(final)
+    return final.with_name(final.name + PARTIAL)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in directory.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            _fsync(path)
+    _fsync(directory)
+
+
+def _clear(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _put_in_place(partial: Path, final: Path, replace: bool) -> None:
+    if final.exists() and replace:
+        # Move the old output aside before the new one takes its name, so a crash leaves
+        # one of the two under `final`, never neither; then remove the old one.
+        old = final.with_name(final.name + ".old")
+        _clear(old)
+        os.replace(final, old)
+        os.replace(partial, final)
+        _clear(old)
+    else:
+        os.replace(partial, final)  # an existing non-empty directory makes this fail
+    _fsync(final.parent)
+
+
+@contextlib.contextmanager
+def partial_dir(final: str | Path, replace: bool = False) -> Iterator[Path]:
+    """Yield an empty `<final>.partial` directory; on success it becomes `final`.
+
+    `replace=True` takes the place of an existing `final` (an earlier output of the same
+    writer); otherwise an existing non-empty `final` is an error. On an exception the
+    partial directory is removed.
+    """
+    final = Path(final)
+    partial = partial_path(final)
+    _clear(partial)
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+        _fsync_tree(partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    _put_in_place(partial, final, replace)
+
+
+@contextlib.contextmanager
+def partial_file(final: str | Path) -> Iterator[Path]:
+    """Yield `<final>.partial` to write one file into; on success it replaces `final`."""
+    final = Path(final)
+    partial = partial_path(final)
+    _clear(partial)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield partial
+        _fsync(partial)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
+        raise
+    os.replace(partial, final)
+
+
+def write_text(final: str | Path, text: str) -> Path:
+    """Replace `final` with `text`, atomically."""
+    with partial_file(final) as partial:
+        partial.write_text(text)
+    return Path(final)

@@ -1,0 +1,67 @@
+"""An `apr datagen` output on disk: its layout and the readers every later stage uses.
+
+    problems/{train,val,test}.jsonl        one problem a line: id, nums, target, solution
+    traces/{apr,sos}/{split}-NNNNN.jsonl[.gz]   one solver record a line, threads included
+    tokenizer/                              the domain tokenizer the data was made with
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Iterator
+
+from apr import tokenizer as domain_tokenizer
+from apr.config import InputError
+
+
+class DataError(InputError):
+    """Data that cannot be used; the message says what to fix."""
+
+
+def problems_path(data_dir: str | Path, split: str) -> Path:
+    return Path(data_dir) / "problems" / f"{split}.jsonl"
+
+
+def load_problems(problems: str | Path, split: str, limit: int) -> list[dict]:
+    """The first `limit` problems of `split` of a datagen output, or of a problems JSONL."""
+    path = Path(problems)
+    if path.is_dir():
+        path = problems_path(path, split)
+    if not path.is_file():
+        raise DataError(f"no problems at {path}: pass an `apr datagen` output or a problems JSONL")
+    with open(path) as f:
+        rows = [json.loads(line) for line, _ in zip(f, range(limit))]
+    if not rows:
+        raise DataError(f"{path} holds no problems")
+    return rows
+
+
+def shard_paths(data_dir: str | Path, kind: str, split: str) -> list[Path]:
+    directory = Path(data_dir) / "traces" / kind
+    paths = sorted(directory.glob(f"{split}-*.jsonl")) + sorted(directory.glob(f"{split}-*.jsonl.gz"))
+    return sorted(paths)
+
+
+def read_records(data_dir: str | Path, kind: str, split: str) -> Iterator[dict]:
+    """Trace records of one split, shard by shard (plain or gzip JSONL)."""
+    paths = shard_paths(data_dir, kind, split)
+    if not paths:
+        raise DataError(f"no {kind} trace shards for split {split!r} under "
+                        f"{Path(data_dir) / 'traces' / kind}: is this an `apr datagen` output?")
+    for path in paths:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt") as f:
+            for line in f:
+                yield json.loads(line)
+
+
+def check_tokenizer(data_dir: str | Path) -> None:
+    """The data's tokenizer must be the one the model is built with (same vocabulary)."""
+    path = Path(data_dir) / "tokenizer"
+    saved = domain_tokenizer.load(path).get_vocab(with_added_tokens=True)
+    current = domain_tokenizer.build().get_vocab(with_added_tokens=True)
+    if saved != current:
+        raise DataError(f"the tokenizer in {path} does not match this version's domain "
+                        "tokenizer: regenerate the data with `apr datagen`")

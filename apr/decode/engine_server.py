@@ -1,0 +1,154 @@
+"""`apr engine serve`: SGLang's native HTTP subset over the local engine.
+
+It lets the sidecar topology (a separate process, HTTP, weight reloads from disk) run on any
+machine, and the `sglang` client is tested against it. Wire names come from
+`apr.decode.sglang`; this module only translates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+from typing import Any
+
+from fastapi import Body, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from apr.decode.engine import Engine, Sampling
+from apr.decode.sglang import (
+    CONTINUE_GENERATION,
+    FLUSH_CACHE,
+    GENERATE,
+    HEALTH,
+    HEALTH_GENERATE,
+    MODEL_INFO,
+    MODEL_INFO_OLD,
+    PAUSE_GENERATION,
+    READY,
+    SAMPLING_KEYS,
+    UPDATE_WEIGHTS_FROM_DISK,
+    completion_json,
+)
+
+DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's default, kept so clients see the same behaviour
+
+
+class BadRequest(ValueError):
+    pass
+
+
+def sampling_from_json(params: dict[str, Any] | None) -> Sampling:
+    """Read `sampling_params` the way SGLang does: unknown keys are a 400."""
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(SAMPLING_KEYS))
+    if unknown:
+        raise BadRequest(f"unknown sampling_params {unknown}: this server accepts {list(SAMPLING_KEYS)}")
+    stop = params.get("stop") or []
+    if isinstance(stop, str):
+        stop = [stop]
+    try:
+        limit = params.get("max_new_tokens")
+        sampling = Sampling(max_new_tokens=DEFAULT_MAX_NEW_TOKENS if limit is None else int(limit),
+                            temperature=float(params.get("temperature", 1.0)),
+                            top_p=float(params.get("top_p", 1.0)), stop=tuple(map(str, stop)))
+    except (TypeError, ValueError) as e:
+        raise BadRequest(f"bad sampling_params: {e}") from e
+    if sampling.max_new_tokens < 0 or sampling.temperature < 0 or not 0 < sampling.top_p <= 1:
+        raise BadRequest("max_new_tokens and temperature must be >= 0, top_p in (0, 1]")
+    return sampling
+
+
+def create_app(engine: Engine, model_path: str, served_name: str = "apr") -> FastAPI:
+    app = FastAPI(title="apr engine (SGLang-compatible subset)")
+    state = {"paused": False, "resumed": asyncio.Event(), "model_path": model_path}
+    state["resumed"].set()
+
+    @app.post(GENERATE)
+    async def generate(request: Request):
+        try:
+            body = await request.json()
+            text = body["text"]
+            sampling = sampling_from_json(body.get("sampling_params"))
+            logprobs = bool(body.get("return_logprob", False))
+        except (KeyError, TypeError, ValueError) as e:
+            return JSONResponse({"error": f"bad /generate request: {e}"}, status_code=400)
+        prompts = [text] if isinstance(text, str) else text
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            return JSONResponse({"error": "text must be a string or a list of strings"},
+                                status_code=400)
+        await state["resumed"].wait()  # /pause_generation holds new work until continued
+        started = time.perf_counter()
+        completions = await engine.generate(prompts, replace(sampling, logprobs=logprobs))
+        latency = time.perf_counter() - started
+        items = []
+        for c in completions:
+            item = completion_json(c, logprobs)
+            item["meta_info"]["e2e_latency"] = latency
+            items.append(item)
+        return items[0] if isinstance(text, str) else items
+
+    @app.get(HEALTH)
+    async def health():
+        return Response(status_code=200)
+
+    @app.get(HEALTH_GENERATE)
+    async def health_generate():
+        await engine.generate(["\n"], Sampling(max_new_tokens=1))
+        return Response(status_code=200)
+
+    @app.get(READY)
+    async def ready():
+        return Response(status_code=200 if await engine.ready() else 503)
+
+    @app.get(MODEL_INFO)
+    @app.get(MODEL_INFO_OLD)
+    async def model_info():
+        return {"model_path": state["model_path"], "served_model_name": served_name,
+                "tokenizer_path": state["model_path"], "is_generation": True,
+                "weight_version": getattr(engine, "weight_version", None)}
+
+    @app.api_route(FLUSH_CACHE, methods=["GET", "POST"])
+    async def flush_cache():
+        return Response(content="Cache flushed.\n", status_code=200)
+
+    @app.post(PAUSE_GENERATION)
+    async def pause(_: dict = Body(default={})):
+        # Any `mode`: new work waits; a request already decoding finishes (SGLang's "abort"
+        # would end it instead; the GRPO loop pauses only when nothing is in flight).
+        state["resumed"].clear()
+        return {"message": "Generation paused successfully.", "status": "ok"}
+
+    @app.post(CONTINUE_GENERATION)
+    async def resume(_: dict = Body(default={})):
+        state["resumed"].set()
+        return {"message": "Generation continued successfully.", "status": "ok"}
+
+    @app.post(UPDATE_WEIGHTS_FROM_DISK)
+    async def update_weights(body: dict = Body(...)):
+        load = getattr(engine, "load_weights", None)
+        if load is None or "model_path" not in body:
+            return JSONResponse({"success": False, "message": "need model_path (and an engine "
+                                 "that loads weights)", "num_paused_requests": 0}, status_code=400)
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None, load, body["model_path"], body.get("weight_version"))
+        except (OSError, RuntimeError, ValueError) as e:
+            return JSONResponse({"success": False, "message": str(e), "num_paused_requests": 0},
+                                status_code=400)
+        state["model_path"] = body["model_path"]
+        return {"success": True, "message": "Succeeded to update model weights.",
+                "num_paused_requests": 0}
+
+    return app
+
+
+def serve(model_dir: str, host: str = "127.0.0.1", port: int = 30000, device: str = "auto",
+          max_batch: int = 64, weight_version: str = "default", batching: str = "auto") -> None:
+    import uvicorn
+
+    from apr.decode.local import LocalEngine
+
+    engine = LocalEngine(model_dir, device=device, max_batch=max_batch, batching=batching)
+    engine.weight_version = weight_version
+    uvicorn.run(create_app(engine, model_dir), host=host, port=port, log_level="warning")

@@ -1,0 +1,377 @@
+"""The datagen stage: problems, SoS+ and APR traces, the tokenizer and stats, on every core.
+
+    apr datagen --config local --out runs/local/data [--set problems.train_size=1000]
+
+Output (written under `<out>.partial/`, renamed to `<out>` only when complete):
+    problems/{val,test,train}.jsonl    id, nums, target, solution
+    traces/{apr,sos}/{split}-NNNNN.jsonl[.gz]   one record per problem, with every thread
+    tokenizer/                          tokenizer.json + config (AutoTokenizer, SGLang)
+    stats.json, config.yaml
+The same config gives byte-identical files whatever the number of worker processes.
+"""
+
+from __future__ import annotations
+
+import array
+import gzip
+import json
+import multiprocessing
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from tqdm import tqdm
+
+from apr import atomic, tokenizer
+from apr.config import InputError, check, check_choice, check_range, dump
+from apr.countdown.problems import SPLITS, Problem, ProblemSpace, candidates
+from apr.countdown.search import HEURISTICS, SearchParams, apr_search, sos_search
+from apr.countdown.threads import apr_threads, final_text, sos_threads
+from apr.countdown.trace import SUB_CALL_BUDGET, TOKEN_BUDGET, Budget, token_budget
+from apr.summary import describe
+
+SECTION = "datagen"
+COMPRESSIONS = ("none", "gzip")
+
+
+@dataclass
+class ProblemsConfig:
+    """Countdown problems (paper: 4 numbers in 1..99, targets 10..100, 500k train, 1k val)."""
+
+    n_numbers: int = 4
+    num_min: int = 1
+    num_max: int = 99
+    target_min: int = 10
+    target_max: int = 100
+    train_size: int = 500_000
+    val_size: int = 1_000
+    test_size: int = 1_000
+    seed: int = 0
+
+    def validate(self) -> None:
+        check_range("n_numbers", self.n_numbers, 2, 6)
+        check_range("num_min", self.num_min, 1)
+        check(self.num_max >= self.num_min, "num_max",
+              f"{self.num_max} is below num_min {self.num_min}: the number range is empty")
+        check_range("target_min", self.target_min, 2)
+        check(self.target_max >= self.target_min, "target_max",
+              f"{self.target_max} is below target_min {self.target_min}: the target range is empty")
+        for key in ("train_size", "val_size", "test_size"):
+            check_range(key, getattr(self, key), 0)
+
+    def space(self) -> ProblemSpace:
+        return ProblemSpace(self.n_numbers, self.num_min, self.num_max, self.target_min,
+                            self.target_max)
+
+    def sizes(self) -> dict[str, int]:
+        return {"val": self.val_size, "test": self.test_size, "train": self.train_size}
+
+
+@dataclass
+class AprSolverConfig:
+    """APR data (paper: beam 1..10, child beam beam..15, promising 0.9, mult heuristic)."""
+
+    beam_min: int = 1
+    beam_max: int = 10
+    sub_beam_max: int = 15  # a child's beam is drawn from beam..sub_beam_max
+    promising_threshold: float = 0.9
+    heuristic: str = "mult"
+    # Start parent prompts with `Sub Call Budget: N `, N = the trace's child count (paper §4.3).
+    budget_prefix: bool = False
+
+    def validate(self) -> None:
+        check_range("beam_min", self.beam_min, 1)
+        check(self.beam_max >= self.beam_min, "beam_max", f"must be >= beam_min {self.beam_min}")
+        check(self.sub_beam_max >= self.beam_max, "sub_beam_max",
+              f"must be >= beam_max {self.beam_max}")
+        check_range("promising_threshold", self.promising_threshold, 0.0, 1.0)
+        check_choice("heuristic", self.heuristic, HEURISTICS)
+
+    def draw(self, rng: random.Random) -> SearchParams:
+        beam = rng.randint(self.beam_min, self.beam_max)
+        return SearchParams(beam, self.heuristic, self.promising_threshold,
+                            rng.randint(beam, self.sub_beam_max))
+
+
+@dataclass
+class SosSolverConfig:
+    """SoS+ data (paper's code: beam 1..5, promising 0.5, mult heuristic)."""
+
+    beam_min: int = 1
+    beam_max: int = 5
+    promising_threshold: float = 0.5
+    heuristic: str = "mult"
+    # Start prompts with `Token Budget: N `, N = the trace's tokens rounded up to 512.
+    budget_prefix: bool = False
+
+    def validate(self) -> None:
+        check_range("beam_min", self.beam_min, 1)
+        check(self.beam_max >= self.beam_min, "beam_max", f"must be >= beam_min {self.beam_min}")
+        check_range("promising_threshold", self.promising_threshold, 0.0, 1.0)
+        check_choice("heuristic", self.heuristic, HEURISTICS)
+
+    def draw(self, rng: random.Random) -> SearchParams:
+        return SearchParams(rng.randint(self.beam_min, self.beam_max), self.heuristic,
+                            self.promising_threshold)
+
+
+@dataclass
+class DatagenConfig:
+    problems: ProblemsConfig = field(default_factory=ProblemsConfig)
+    apr: AprSolverConfig = field(default_factory=AprSolverConfig)
+    sos: SosSolverConfig = field(default_factory=SosSolverConfig)
+    workers: int = 0  # worker processes; 0 = every core
+    shard_size: int = 50_000  # problems per trace shard
+    chunk_size: int = 250  # problems per unit of work (shards are cut on chunk boundaries)
+    compression: str = "none"  # trace shards: "none" (.jsonl) or "gzip" (.jsonl.gz)
+    token_stats_sample: int = 20_000  # token lengths for stats are measured on this many problems
+
+    def validate(self) -> None:
+        check_range("workers", self.workers, 0)
+        check_range("chunk_size", self.chunk_size, 1)
+        check_range("shard_size", self.shard_size, 1)
+        check(self.shard_size % self.chunk_size == 0, "shard_size",
+              f"{self.shard_size} must be a multiple of chunk_size {self.chunk_size}")
+        check_choice("compression", self.compression, COMPRESSIONS)
+        check_range("token_stats_sample", self.token_stats_sample, 0)
+
+
+# --- work done in the worker processes ------------------------------------------------------
+def _problem_chunk(args: tuple[ProblemSpace, int, int, int]) -> list[Problem]:
+    return candidates(*args)
+
+
+@dataclass
+class ChunkResult:
+    apr: bytes
+    sos: bytes
+    metrics: dict[str, list[int]]
+
+
+METRICS = ("apr_solved", "apr_children", "apr_chars_path", "apr_chars_longest", "apr_chars_total",
+           "sos_solved", "sos_chars", "apr_tokens_longest", "apr_tokens_total", "sos_tokens")
+
+
+def _encode(records: list[dict], compression: str) -> bytes:
+    data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records).encode()
+    return gzip.compress(data, compresslevel=1, mtime=0) if compression == "gzip" else data
+
+
+def solve(problem: Problem, config: DatagenConfig, measure_tokens: bool
+          ) -> tuple[dict, dict, dict[str, int]]:
+    """Both traces of one problem, as JSON records, and the numbers `stats.json` is made of."""
+    seed, nums, target = config.problems.seed, problem.nums, problem.target
+    rng = random.Random(f"apr:{seed}:{problem.id}")
+    params = config.apr.draw(rng)
+    apr = apr_search(nums, target, params, rng)
+    budget = Budget(SUB_CALL_BUDGET, apr.children) if config.apr.budget_prefix else None
+    threads = apr_threads(apr, budget)
+    texts = [len(t.prompt) + len(t.text) for t in threads]
+    apr_record = {
+        "id": problem.id, "nums": list(nums), "target": target, "solved": apr.solved,
+        "search_path": final_text(threads),
+        "solution": [op.text for op in apr.goal.operations] if apr.goal else None,
+        "children": apr.children, "spawns": len(apr.spawns),
+        "beam_size": params.beam_size, "sub_beam_size": params.sub_beam_size,
+        "heuristic": params.heuristic, "promising_threshold": params.promising_threshold,
+        "threads": [t.to_json() for t in threads],
+    }
+    rng = random.Random(f"sos:{seed}:{problem.id}")
+    params = config.sos.draw(rng)
+    sos = sos_search(nums, target, params, rng)
+    (thread,) = sos_threads(sos)
+    sos_tokens = tokenizer.sequence_length(thread.prompt, thread.text)
+    if config.sos.budget_prefix:
+        budget = Budget(TOKEN_BUDGET, token_budget(sos_tokens))
+        (thread,) = sos_threads(sos, budget)
+    sos_record = {
+        "id": problem.id, "nums": list(nums), "target": target, "solved": sos.solved,
+        "search_path": thread.prompt + thread.text,
+        "solution": [op.text for op in sos.goal.operations] if sos.goal else None,
+        "beam_size": params.beam_size, "heuristic": params.heuristic,
+        "promising_threshold": params.promising_threshold, "tokens": sos_tokens,
+        "threads": [thread.to_json()],
+    }
+    metrics = {
+        "apr_solved": int(apr.solved), "apr_children": apr.children,
+        "apr_chars_path": len(apr_record["search_path"]), "apr_chars_longest": max(texts),
+        "apr_chars_total": sum(len(t.text) for t in threads),
+        "sos_solved": int(sos.solved), "sos_chars": len(sos_record["search_path"]),
+    }
+    if measure_tokens:
+        lengths = [tokenizer.sequence_length(t.prompt, t.text) for t in threads]
+        metrics.update(apr_tokens_longest=max(lengths),
+                       apr_tokens_total=sum(tokenizer.count_tokens(t.text) for t in threads),
+                       sos_tokens=sos_tokens)
+    return apr_record, sos_record, metrics
+
+
+def _solve_chunk(args: tuple[list[Problem], DatagenConfig, int]) -> ChunkResult:
+    problems, config, stride = args
+    apr_records, sos_records = [], []
+    metrics: dict[str, list[int]] = {k: [] for k in METRICS}
+    for problem in problems:
+        index = int(problem.id[1:])
+        apr_record, sos_record, values = solve(problem, config, index % stride == 0)
+        apr_records.append(apr_record)
+        sos_records.append(sos_record)
+        for key, value in values.items():
+            metrics[key].append(value)
+    return ChunkResult(_encode(apr_records, config.compression),
+                       _encode(sos_records, config.compression), metrics)
+
+
+# --- the stage ------------------------------------------------------------------------------
+def _progress(total: int, desc: str, enabled: bool) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="problem", disable=not enabled, file=sys.stderr,
+                dynamic_ncols=True, mininterval=1.0)
+
+
+def generate_problems(config: DatagenConfig, pool, progress: bool
+                      ) -> tuple[dict[str, list[Problem]], int]:
+    """The deduplicated stream cut into splits; returns the splits and the candidates drawn."""
+    cfg = config.problems
+    sizes = cfg.sizes()
+    wanted = sum(sizes.values())
+    unique: list[Problem] = []
+    seen: set[tuple[tuple[int, ...], int]] = set()  # (sorted numbers, target): the dedup key
+    drawn = 0
+    bar = _progress(wanted, "problems", progress)
+    while len(unique) < wanted:
+        need = wanted - len(unique)
+        chunks = [(cfg.space(), cfg.seed, s, min(s + config.chunk_size, drawn + need))
+                  for s in range(drawn, drawn + need, config.chunk_size)]
+        for chunk in pool.imap(_problem_chunk, chunks):
+            for problem in chunk:
+                if problem.key not in seen:
+                    seen.add(problem.key)
+                    unique.append(problem)
+                    bar.update(1)
+        drawn += need
+        if len(unique) < wanted and drawn >= max(10 * wanted, 10_000):
+            raise InputError(f"{drawn} draws gave only {len(unique)} distinct problems of the "
+                             f"{wanted} asked for: widen the ranges or ask for fewer")
+    bar.close()
+    splits, start = {}, 0
+    for split in SPLITS:
+        splits[split] = unique[start:start + sizes[split]]
+        start += sizes[split]
+    return splits, drawn
+
+
+def summarize(metrics: dict[str, list[int]]) -> dict:
+    n = len(metrics["apr_solved"])
+    if n == 0:
+        return {"problems": 0}
+    return {
+        "problems": n,
+        "apr": {
+            "solve_rate": round(sum(metrics["apr_solved"]) / n, 4),
+            "children_per_problem": round(sum(metrics["apr_children"]) / n, 3),
+            "chars": {"search_path": describe(metrics["apr_chars_path"]),
+                      "longest_thread": describe(metrics["apr_chars_longest"]),
+                      "all_threads_written": describe(metrics["apr_chars_total"])},
+            "tokens": {"sampled_problems": len(metrics["apr_tokens_longest"]),
+                       "longest_thread": describe(metrics["apr_tokens_longest"]),
+                       "all_threads_written": describe(metrics["apr_tokens_total"])},
+        },
+        "sos": {
+            "solve_rate": round(sum(metrics["sos_solved"]) / n, 4),
+            "chars": {"search_path": describe(metrics["sos_chars"])},
+            "tokens": {"sampled_problems": len(metrics["sos_tokens"]),
+                       "sequence": describe(metrics["sos_tokens"])},
+        },
+    }
+
+
+def _chunks(problems: list[Problem], config: DatagenConfig) -> Iterator[list[Problem]]:
+    for start in range(0, len(problems), config.chunk_size):
+        yield problems[start:start + config.chunk_size]
+
+
+def _token_stride(config: DatagenConfig) -> int:
+    """Token lengths are measured on every stride-th problem of the stream (about
+    `token_stats_sample` in all): exact counting costs about a third of a search."""
+    if config.token_stats_sample == 0:
+        return 1 << 62
+    total = sum(config.problems.sizes().values())
+    return max(1, -(-total // config.token_stats_sample))
+
+
+def write_traces(split: str, problems: list[Problem], config: DatagenConfig, out: Path, pool,
+                 progress: bool) -> dict[str, list[int]]:
+    """Solve a split on the pool, streaming each chunk into its shard as it arrives in order."""
+    suffix = ".jsonl.gz" if config.compression == "gzip" else ".jsonl"
+    stride = _token_stride(config)
+    metrics: dict[str, list[int]] = {k: array.array("q") for k in METRICS}
+    per_shard = config.shard_size // config.chunk_size
+    files: dict[str, object] = {}
+    bar = _progress(len(problems), f"traces:{split}", progress)
+    work = ((chunk, config, stride) for chunk in _chunks(problems, config))
+    try:
+        for n, result in enumerate(pool.imap(_solve_chunk, work)):
+            if n % per_shard == 0:
+                for f in files.values():
+                    f.close()
+                shard = f"{split}-{n // per_shard:05d}{suffix}"
+                files = {kind: open(out / "traces" / kind / shard, "wb") for kind in ("apr", "sos")}
+            files["apr"].write(result.apr)
+            files["sos"].write(result.sos)
+            for key, values in result.metrics.items():
+                metrics[key].extend(values)
+            bar.update(len(result.metrics["apr_solved"]))
+    finally:
+        for f in files.values():
+            f.close()
+        bar.close()
+    return {k: list(v) for k, v in metrics.items()}
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    with open(path, "w") as f:
+        for record in records:
+            f.write(json.dumps(record, separators=(",", ":")) + "\n")
+
+
+def run(config: DatagenConfig, out: str | Path, progress: bool = True) -> dict:
+    """Write the whole dataset to `out`; returns the stats. Refuses to overwrite `out`."""
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists: remove it or choose another --out")
+    with atomic.partial_dir(out) as partial:  # the dataset appears complete, or not at all
+        stats = _write_dataset(config, partial, progress)
+    return stats
+
+
+def _write_dataset(config: DatagenConfig, partial: Path, progress: bool) -> dict:
+    for d in ("problems", "traces/apr", "traces/sos"):
+        (partial / d).mkdir(parents=True)
+    workers = config.workers or os.cpu_count() or 1
+    started = time.perf_counter()
+    ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    with ctx.Pool(workers) as pool:
+        splits, drawn = generate_problems(config, pool, progress)
+        for split, problems in splits.items():
+            _write_jsonl(partial / "problems" / f"{split}.jsonl", [p.to_json() for p in problems])
+        problems_seconds = time.perf_counter() - started
+        stats_by_split = {}
+        for split, problems in splits.items():
+            metrics = write_traces(split, problems, config, partial, pool, progress)
+            stats_by_split[split] = summarize(metrics)
+    tokenizer.save(partial / "tokenizer")
+    seconds = time.perf_counter() - started
+    total = sum(len(p) for p in splits.values())
+    stats = {
+        "splits": stats_by_split,
+        "problems": {"drawn": drawn, "kept": total, "duplicates_dropped": drawn - total},
+        "workers": workers,
+        "seconds": {"problems": round(problems_seconds, 2), "total": round(seconds, 2)},
+        "problems_per_second": round(total / seconds, 1) if seconds else None,
+    }
+    (partial / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    (partial / "config.yaml").write_text(dump(config, SECTION))
+    return stats

@@ -1,0 +1,210 @@
+"""The evaluation stage: APR at several child budgets against SoS+ at several sample counts.
+
+    apr evaluate --config local --model runs/x/sft-apr/model --problems runs/x/data \
+        --out runs/x/eval-apr
+
+Every answer is checked by the verifier, never by the model's claim. Writes `results.jsonl`
+(one row per problem and setting), `metrics.json`, the paper's three curves as PNG
+(accuracy against context-window limit, total tokens and latency) and `report.md`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from apr import atomic
+from apr.config import InputError, check, check_choice, check_range, dump
+from apr.countdown.threads import APR, SOS, STYLES
+from apr.dataset import load_problems
+from apr.decode.runtime import Budgets, Vote, sample
+from apr.summary import describe
+
+SECTION = "evaluate"
+ENGINES = ("local", "sglang", "server", "oracle")
+
+
+@dataclass
+class EvalConfig:
+    engine: str = "local"  # local (in process), sglang / server (HTTP at engine_url), oracle
+    engine_url: str = ""
+    split: str = "val"
+    max_problems: int = 1000
+    context: int = 4096  # the thread context window the model decodes in
+    apr_budgets: list[int] = field(default_factory=lambda: [0])  # 0: no `Sub Call Budget` prefix
+    sos_samples: list[int] = field(default_factory=lambda: [1])  # N of best-of-N / majority
+    sos_token_budget: int = 0  # condition SoS+ on `Token Budget: N ` (0: no prefix)
+    temperature: float = 0.0  # for single samples; several samples use sample_temperature
+    sample_temperature: float = 1.0
+    context_limits: list[int] = field(default_factory=lambda: [512, 1024, 1536, 2048, 3072, 4096])
+    concurrency: int = 64  # problems decoded at once (they share engine batches)
+    modes: list[str] = field(default_factory=lambda: [APR, SOS])
+
+    def validate(self) -> None:
+        check_choice("engine", self.engine, ENGINES)
+        check(self.engine not in ("sglang", "server") or bool(self.engine_url), "engine_url",
+              f"engine {self.engine!r} needs the server's URL, e.g. http://127.0.0.1:30000")
+        check_range("max_problems", self.max_problems, 1)
+        check_range("context", self.context, 16)
+        check_range("concurrency", self.concurrency, 1)
+        check(all(b >= 0 for b in self.apr_budgets), "apr_budgets", "budgets must be >= 0")
+        check(all(n >= 1 for n in self.sos_samples), "sos_samples", "sample counts must be >= 1")
+        check(bool(self.modes) and all(m in STYLES for m in self.modes), "modes",
+              f"a non-empty list of {APR!r} and {SOS!r}")
+        check_range("temperature", self.temperature, 0.0)
+        check_range("sample_temperature", self.sample_temperature, 0.0)
+
+
+@dataclass(frozen=True)
+class Setting:
+    mode: str
+    budget: int = 0  # APR child budget (0: none)
+    samples: int = 1
+
+    @property
+    def name(self) -> str:
+        if self.mode == APR:
+            return "apr" + (f"-budget{self.budget}" if self.budget else "")
+        return "sos" + (f"-n{self.samples}" if self.samples > 1 else "")
+
+
+def settings(config: EvalConfig) -> list[Setting]:
+    out = []
+    if APR in config.modes:
+        out += [Setting(APR, budget=b) for b in config.apr_budgets]
+    if SOS in config.modes:
+        out += [Setting(SOS, samples=n) for n in config.sos_samples]
+    return out
+
+
+# --- metrics: pure functions of result rows ------------------------------------------------
+def summarize(rows: list[dict], context_limits: list[int]) -> dict:
+    """Metrics of one setting from its result rows (one row per problem).
+
+    A row: correct, majority (SoS+ with N > 1), children, failures (list of kinds), and per
+    problem the summed tokens {total, generated, sequential} over its samples, the longest
+    context any of its threads used, and wall_s.
+    """
+    n = len(rows)
+    failures = Counter(kind for r in rows for kind in r["failures"])
+    out = {
+        "problems": n,
+        "accuracy": round(sum(r["correct"] for r in rows) / n, 4) if n else 0.0,
+        "children_per_problem": round(sum(r["children"] for r in rows) / n, 3) if n else 0.0,
+        "tokens_total": describe([r["tokens"]["total"] for r in rows]),
+        "tokens_generated": describe([r["tokens"]["generated"] for r in rows]),
+        "tokens_sequential": describe([r["tokens"]["sequential"] for r in rows]),
+        "longest_context": describe([r["tokens"]["longest_context"] for r in rows]),
+        "latency_s": describe([r["wall_s"] for r in rows]),
+        "failures": dict(sorted(failures.items())),
+        # A solve whose longest thread needed more than C tokens fails in a C-token window.
+        "accuracy_at_context": {str(c): round(sum(r["correct"] and r["tokens"]["longest_context"] <= c
+                                                   for r in rows) / n, 4) if n else 0.0
+                                for c in context_limits},
+    }
+    if any("majority" in r for r in rows):
+        out["majority_accuracy"] = round(sum(r.get("majority", False) for r in rows) / n, 4)
+    return out
+
+
+def row(problem: dict, setting: Setting, vote: Vote) -> dict:
+    samples = vote.samples
+    return {
+        "id": problem["id"], "setting": setting.name, "nums": problem["nums"],
+        "target": problem["target"],
+        "correct": vote.best_of_n, **({"majority": vote.majority} if len(samples) > 1 else {}),
+        "solution": next((s.solution for s in samples if s.correct), samples[0].solution),
+        "failures": [s.failure for s in samples if s.failure],
+        "children": sum(s.children for s in samples),
+        "tokens": {"total": sum(s.tokens_total for s in samples),
+                   "generated": sum(s.tokens_generated for s in samples),
+                   "sequential": max(s.tokens_sequential for s in samples),
+                   "longest_context": max(s.longest_context for s in samples)},
+        "wall_s": round(max(s.wall_s for s in samples), 4),
+        "engine_calls": sum(s.engine_calls for s in samples),
+    }
+
+
+# --- the stage --------------------------------------------------------------------------
+def make_engine(config: EvalConfig, model: str | Path | None, problems: str | Path):
+    if config.engine == "oracle":
+        from apr.dataset import read_records
+        from apr.decode.oracle import OracleEngine
+
+        return OracleEngine(list(read_records(problems, APR, config.split))
+                            + list(read_records(problems, SOS, config.split)))
+    if config.engine in ("sglang", "server"):
+        from apr.decode.sglang import SGLangEngine
+
+        return SGLangEngine(config.engine_url)
+    if model is None or not (Path(model) / "config.json").is_file():
+        raise InputError(f"--model {model} is not a model directory (no config.json)")
+    from apr.decode.local import LocalEngine
+
+    return LocalEngine(model)
+
+
+async def evaluate(engine, problems: list[dict], config: EvalConfig, progress: bool = True
+                   ) -> list[dict]:
+    from tqdm import tqdm
+
+    gate = asyncio.Semaphore(config.concurrency)
+    work = [(p, s) for s in settings(config) for p in problems]
+    bar = tqdm(total=len(work), desc="evaluate", unit="solve", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+
+    async def one(problem: dict, setting: Setting) -> dict:
+        budgets = Budgets(context=config.context, sub_call_budget=setting.budget,
+                          token_budget=config.sos_token_budget if setting.mode == SOS else 0)
+        temperature = config.temperature if setting.samples == 1 else config.sample_temperature
+        async with gate:
+            vote = await sample(engine, setting.mode, problem["nums"], problem["target"],
+                                setting.samples, budgets, temperature)
+        bar.update(1)
+        return row(problem, setting, vote)
+
+    rows = await asyncio.gather(*(one(p, s) for p, s in work))
+    bar.close()
+    return list(rows)
+
+
+def run(config: EvalConfig, model: str | Path | None, problems: str | Path, out: str | Path,
+        progress: bool = True) -> dict:
+    out = Path(out)
+    rows_in = load_problems(problems, config.split, config.max_problems)
+    engine = make_engine(config, model, problems)
+    started = time.perf_counter()
+
+    async def main() -> list[dict]:
+        try:
+            return await evaluate(engine, rows_in, config, progress)
+        finally:
+            await engine.close()
+
+    rows = asyncio.run(main())
+    seconds = time.perf_counter() - started
+    by_setting: dict[str, list[dict]] = {}
+    for r in rows:
+        by_setting.setdefault(r["setting"], []).append(r)
+    metrics = {
+        "engine": config.engine, "model": str(model) if model else None,
+        "problems": len(rows_in), "split": config.split, "context": config.context,
+        "seconds": round(seconds, 2),
+        "settings": {name: summarize(rs, config.context_limits) for name, rs in by_setting.items()},
+    }
+    from apr.report import write_plots, write_report
+
+    with atomic.partial_dir(out, replace=True) as partial:
+        with open(partial / "results.jsonl", "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        (partial / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (partial / "config.yaml").write_text(dump(config, SECTION))
+        write_plots(metrics, partial)
+        write_report(metrics, partial)
+    return metrics

@@ -1,0 +1,64 @@
+"""Training checkpoints: model, optimizer and trainer state in safetensors and JSON, never pickle.
+
+A checkpoint is `step-NNNNNNN/`, written under a temporary name and renamed (`apr.atomic`), so
+the latest complete one is the newest directory with its `trainer.json`. SFT and GRPO share
+these, and a resumed run truncates its metrics log back to the checkpoint's step.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from apr import atomic
+
+
+def save_checkpoint(directory: Path, model, optimizer, state: dict, keep: int) -> Path:
+    from safetensors.torch import save_file
+
+    final = directory / f"step-{state['step']:07d}"
+    with atomic.partial_dir(final, replace=True) as partial:
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+                  partial / "model.safetensors")
+        opt = optimizer.state_dict()
+        tensors = {f"{p}.{name}": value.detach().contiguous().cpu()
+                   for p, slots in opt["state"].items() for name, value in slots.items()}
+        save_file(tensors, partial / "optimizer.safetensors")
+        groups = [{k: v for k, v in g.items()} for g in opt["param_groups"]]
+        (partial / "optimizer.json").write_text(json.dumps({"param_groups": groups}))
+        (partial / "trainer.json").write_text(json.dumps(state, indent=2))
+    for old in sorted(directory.glob("step-???????"))[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    done = sorted(p for p in directory.glob("step-???????") if (p / "trainer.json").is_file())
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, model, optimizer, device) -> dict:
+    import torch
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(path / "model.safetensors", device=str(device)))
+    flat = load_file(path / "optimizer.safetensors", device=str(device))
+    state: dict[int, dict] = {}
+    for key, value in flat.items():
+        p, name = key.split(".", 1)
+        state.setdefault(int(p), {})[name] = value
+    groups = json.loads((path / "optimizer.json").read_text())["param_groups"]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    for slots in optimizer.state.values():  # Adam's step counters live on the CPU as float32
+        if "step" in slots and slots["step"].dim() == 0:
+            slots["step"] = slots["step"].to(torch.float32)
+    return json.loads((path / "trainer.json").read_text())
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log lines a killed run wrote after the checkpoint it is resumed from."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines()
+                 if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))
