@@ -120,7 +120,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from apr.serve.app import ServerLimits, serve
 
-    if args.engine in ("sglang", "server") and not args.engine_url:
+    if args.engine == "sglang" and not args.engine_url:
         raise InputError(f"--engine {args.engine} needs --engine-url (e.g. http://127.0.0.1:30000)")
     if args.engine == "local" and not args.model:
         raise InputError("--engine local needs --model (a model directory)")
@@ -227,7 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_pipeline)
 
     p = stages.add_parser("serve", help="the APR server: POST /v1/solve, /healthz, /readyz, /metrics")
-    p.add_argument("--engine", default="sglang", choices=["sglang", "server", "local"])
+    p.add_argument("--engine", default="sglang", choices=["sglang", "local"],
+                   help="sglang: the HTTP client of SGLang (or `apr engine serve`) at "
+                        "--engine-url; local: the model in this process")
     p.add_argument("--engine-url", default="", help="the SGLang (or `apr engine serve`) URL")
     p.add_argument("--model", help="a model directory, for --engine local")
     p.add_argument("--host", default="0.0.0.0")

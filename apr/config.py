@@ -106,6 +106,15 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     return obj
 
 
+def option(default: Any = dataclasses.MISSING, doc: str = "", *,
+           factory: typing.Callable[[], Any] | None = None) -> Any:
+    """A config field with its one-line doc, which `apr config show` prints beside the
+    default (as TRL's configs carry metadata={"help": ...}). `factory` for lists and mappings."""
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={"doc": doc})
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
 def to_dict(obj: Any) -> dict:
     return dataclasses.asdict(obj)
 

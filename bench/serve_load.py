@@ -3,7 +3,7 @@
     python bench/serve_load.py --model runs/demo/.../sft/model [--clients 32] [--seconds 60]
 
 Topology as in the pod: `apr engine serve` (the engine, standing in for SGLang) and
-`apr serve --engine server` (the APR server) as two processes on loopback. Phase 1: N clients
+`apr serve --engine sglang` (the APR server) as two processes on loopback. Phase 1: N clients
 send solves for S seconds; prints throughput, p50/p99 latency, status codes and the APR
 server's resident memory before and after. Phase 2 (--outage): under the same load the
 engine is killed, left down, and restarted; prints the answers per phase (503s while down,
@@ -82,7 +82,7 @@ def main() -> None:
     engine_url, url = f"http://127.0.0.1:{engine_port}", f"http://127.0.0.1:{server_port}"
     engine_cmd = ["engine", "serve", "--model", args.model, "--port", str(engine_port)]
     engine = start(engine_cmd)
-    server = start(["serve", "--engine", "server", "--engine-url", engine_url, "--host",
+    server = start(["serve", "--engine", "sglang", "--engine-url", engine_url, "--host",
                     "127.0.0.1", "--port", str(server_port), "--max-tokens", str(args.max_tokens)])
     try:
         wait_up(engine_url, "/health")

@@ -206,7 +206,7 @@ def serve(engine_name: str, engine_url: str = "", model: str | None = None,
           token: str | None = None) -> None:
     import uvicorn
 
-    if engine_name in ("sglang", "server"):
+    if engine_name == "sglang":
         from apr.decode.sglang import SGLangEngine
 
         engine = SGLangEngine(engine_url, timeout_s=limits.request_timeout_s)

@@ -26,12 +26,12 @@ from apr.decode.runtime import Budgets, Vote, sample
 from apr.summary import describe
 
 SECTION = "evaluate"
-ENGINES = ("local", "sglang", "server", "oracle")
+ENGINES = ("local", "sglang", "oracle")  # sglang: SGLang or `apr engine serve` at engine_url
 
 
 @dataclass
 class EvalConfig:
-    engine: str = "local"  # local (in process), sglang / server (HTTP at engine_url), oracle
+    engine: str = "local"  # local (in process), sglang (HTTP at engine_url), oracle
     engine_url: str = ""
     split: str = "val"
     max_problems: int = 1000
@@ -47,7 +47,7 @@ class EvalConfig:
 
     def validate(self) -> None:
         check_choice("engine", self.engine, ENGINES)
-        check(self.engine not in ("sglang", "server") or bool(self.engine_url), "engine_url",
+        check(self.engine != "sglang" or bool(self.engine_url), "engine_url",
               f"engine {self.engine!r} needs the server's URL, e.g. http://127.0.0.1:30000")
         check_range("max_problems", self.max_problems, 1)
         check_range("context", self.context, 16)
@@ -138,7 +138,7 @@ def make_engine(config: EvalConfig, model: str | Path | None, problems: str | Pa
 
         return OracleEngine(list(read_records(problems, APR, config.split))
                             + list(read_records(problems, SOS, config.split)))
-    if config.engine in ("sglang", "server"):
+    if config.engine == "sglang":
         from apr.decode.sglang import SGLangEngine
 
         return SGLangEngine(config.engine_url)
