@@ -53,7 +53,9 @@ def _put_in_place(partial: Path, final: Path, replace: bool) -> None:
         os.replace(partial, final)
         _clear(old)
     else:
-        os.replace(partial, final)  # an existing non-empty directory makes this fail
+        if final.exists() and (not final.is_dir() or any(final.iterdir())):
+            raise FileExistsError(f"{final} already exists: remove it or choose another path")
+        os.replace(partial, final)  # onto nothing, or an empty directory
     _fsync(final.parent)
 
 
@@ -72,10 +74,10 @@ def partial_dir(final: str | Path, replace: bool = False) -> Iterator[Path]:
     try:
         yield partial
         _fsync_tree(partial)
+        _put_in_place(partial, final, replace)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    _put_in_place(partial, final, replace)
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from typing import Sequence
 
@@ -11,13 +12,18 @@ from apr.config import InputError, load
 from apr.decode.engine import BATCHING
 from apr.storage import StorageError
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+log = logging.getLogger("apr")
 
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
+
+def _add_config_args(parser: argparse.ArgumentParser, progress: bool = True) -> None:
     parser.add_argument("--config", help="a preset (local, gpu-small, paper) or a YAML file; defaults when omitted")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a config field, e.g. "
                         "problems.train_size=1000 (repeatable)")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    if progress:
+        parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def _datagen(args: argparse.Namespace) -> int:
@@ -26,7 +32,7 @@ def _datagen(args: argparse.Namespace) -> int:
     config = load(datagen.DatagenConfig, args.config, datagen.SECTION, args.overrides)
     stats = datagen.run(config, args.out, progress=not args.no_progress)
     print(json.dumps(stats, indent=2))
-    print(f"dataset written to {args.out}", file=sys.stderr)
+    log.info("dataset written to %s", args.out)
     return 0
 
 
@@ -64,8 +70,30 @@ def _evaluate(args: argparse.Namespace) -> int:
                            progress=not args.no_progress)
     print(json.dumps({name: {"accuracy": m["accuracy"]} for name, m in
                       metrics["settings"].items()}, indent=2))
-    print(f"report: {args.out}/report.md", file=sys.stderr)
+    log.info("report: %s/report.md", args.out)
     return 0
+
+
+# The stages with a config: module, config class (each module's SECTION names its section).
+CONFIGS = {"datagen": ("apr.stages.datagen", "DatagenConfig"),
+           "sft": ("apr.stages.sft", "SFTConfig"),
+           "grpo": ("apr.stages.grpo", "GRPOConfig"),
+           "evaluate": ("apr.stages.evaluate", "EvalConfig")}
+
+
+def _config(args: argparse.Namespace) -> int:
+    import importlib
+
+    from apr.config import show
+
+    module = importlib.import_module(CONFIGS[args.config_stage][0])
+    cls = getattr(module, CONFIGS[args.config_stage][1])
+    print(show(load(cls, args.config, module.SECTION, args.overrides)), end="")
+    return 0
+
+
+def _keys_epilog(stage: str) -> str:
+    return f"keys: apr config show {stage} (--config PRESET --set KEY=VALUE for their values)"
 
 
 def _publish(args: argparse.Namespace) -> int:
@@ -86,7 +114,7 @@ def _compare(args: argparse.Namespace) -> int:
     from apr.report import run_compare
 
     run_compare(args.apr, args.sos, args.out)
-    print(f"report: {args.out}/report.md", file=sys.stderr)
+    log.info("report: %s/report.md", args.out)
     return 0
 
 
@@ -142,15 +170,19 @@ def _engine_serve(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="apr", description="Adaptive Parallel Reasoning: data, training, decoding, serving")
+    parser.add_argument("--log-level", default="info", choices=LOG_LEVELS,
+                        help="status messages on stderr at this level and above (default info)")
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     p = stages.add_parser("datagen", help="Countdown problems, SoS+ and APR traces, tokenizer",
-                          description="Generate problems and solver traces (see apr/stages/datagen.py).")
+                          description="Generate problems and solver traces (see apr/stages/datagen.py).",
+                          epilog=_keys_epilog("datagen"))
     _add_config_args(p)
     p.add_argument("--out", required=True, help="output directory (must not exist)")
     p.set_defaults(run=_datagen)
 
     p = stages.add_parser("sft", help="supervised training on APR or SoS+ threads",
-                          description="Train the model from scratch (see apr/stages/sft.py).")
+                          description="Train the model from scratch (see apr/stages/sft.py).",
+                          epilog=_keys_epilog("sft"))
     _add_config_args(p)
     p.add_argument("--data", required=True, help="an `apr datagen` output directory")
     p.add_argument("--out", required=True, help="run directory (model/, checkpoints/, logs)")
@@ -159,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_sft)
 
     p = stages.add_parser("grpo", help="RL over parent and child threads with a rollout server",
-                          description="GRPO from an SFT model (see apr/stages/grpo.py).")
+                          description="GRPO from an SFT model (see apr/stages/grpo.py).",
+                          epilog=_keys_epilog("grpo"))
     _add_config_args(p)
     p.add_argument("--model", required=True, help="the SFT model: a directory or s3:// URI")
     p.add_argument("--problems", required=True,
@@ -175,12 +208,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_grpo)
 
     p = stages.add_parser("evaluate", help="APR against SoS+: accuracy, tokens, latency, plots",
-                          description="Evaluate a model on a problem split (see apr/stages/evaluate.py).")
+                          description="Evaluate a model on a problem split (see apr/stages/evaluate.py).",
+                          epilog=_keys_epilog("evaluate"))
     _add_config_args(p)
     p.add_argument("--model", help="a model directory (not needed by the oracle or HTTP engines)")
     p.add_argument("--problems", required=True, help="an `apr datagen` output or problems JSONL")
     p.add_argument("--out", required=True, help="output directory (replaced when complete)")
     p.set_defaults(run=_evaluate)
+
+    p = stages.add_parser("config", help="a stage's config keys: value and meaning")
+    commands = p.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
+    c = commands.add_parser("show", help="one line per key: `key  value  # doc`; the defaults, "
+                            "or the values of --config and --set",
+                            description="Print every key of a stage's config with its value "
+                            "and what it means; without --config, the defaults.")
+    c.add_argument("config_stage", metavar="STAGE", choices=list(CONFIGS),
+                   help=", ".join(CONFIGS))
+    _add_config_args(c, progress=False)
+    c.set_defaults(run=_config)
 
     p = stages.add_parser("compare", help="the APR against SoS+ report of two evaluations")
     p.add_argument("--apr", required=True, help="`apr evaluate` output of the APR model")
@@ -253,11 +298,30 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--weight-version", default="default",
                        help="the version reported for the weights loaded at start (as SGLang)")
     serve.set_defaults(run=_engine_serve)
+    _log_level_after_commands(parser)
     return parser
+
+
+def _log_level_after_commands(parser: argparse.ArgumentParser) -> None:
+    """`--log-level` also after a command (`apr serve ... --log-level debug`, as the Helm
+    chart's `server.extraArgs` append it); not given there, the top-level value stands."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                if not any("--log-level" in a.option_strings for a in sub._actions):
+                    sub.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS,
+                                     help="as `apr --log-level`")
+                _log_level_after_commands(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The only place logging is configured: the library and the servers only log.
+    logging.basicConfig(format=LOG_FORMAT, stream=sys.stderr)
+    logging.getLogger().setLevel(args.log_level.upper())
+    for name in ("httpx", "uvicorn.access"):  # a line per HTTP request (engine calls, probes):
+        logging.getLogger(name).setLevel(logging.WARNING if args.log_level == "info"  # not at info
+                                         else logging.NOTSET)
     try:
         return args.run(args)
     except (InputError, FileExistsError, FileNotFoundError, StorageError) as e:

@@ -119,6 +119,72 @@ def to_dict(obj: Any) -> dict:
     return dataclasses.asdict(obj)
 
 
+@dataclasses.dataclass(frozen=True)
+class Key:
+    """One leaf of a config: its dotted name, type, value (the default, or as loaded) and doc."""
+
+    name: str
+    type: str
+    value: Any
+    doc: str
+
+
+def _type_name(kind: Any) -> str:
+    if isinstance(kind, type) and typing.get_origin(kind) is None:
+        return kind.__name__
+    return str(kind).replace("typing.", "")
+
+
+def config_keys(config: Any, prefix: str = "") -> list[Key]:
+    """Every key of a config class (with its defaults) or instance (with its values),
+    nested dataclasses flattened to dotted names such as `problems.train_size`."""
+    cls = config if isinstance(config, type) else type(config)
+    hints = typing.get_type_hints(cls)
+    out: list[Key] = []
+    for f in dataclasses.fields(cls):
+        if not isinstance(config, type):
+            value = getattr(config, f.name)
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            value = dataclasses.MISSING
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            nested = value if dataclasses.is_dataclass(value) else kind
+            out += config_keys(nested, f"{prefix}{f.name}.")
+        else:
+            out.append(Key(prefix + f.name, _type_name(kind), value, f.metadata.get("doc", "")))
+    return out
+
+
+def format_value(value: Any) -> str:
+    """A value as YAML reads it back, so that it can be pasted into `--set key=VALUE`."""
+    if value is dataclasses.MISSING:
+        return "(required)"
+    text = yaml.safe_dump(value, default_flow_style=True, width=float("inf")).strip()
+    return text.removesuffix("...").strip()
+
+
+def show(config: Any) -> str:
+    """`key  value  # doc`, one aligned line per key of a config class or instance."""
+    rows = [(k.name, format_value(k.value), k.doc) for k in config_keys(config)]
+    if not rows:
+        return ""
+    name_width = max(len(r[0]) for r in rows)
+    value_width = max(len(r[1]) for r in rows)
+    return "".join(f"{n:<{name_width}}  {v:<{value_width}}  # {d}\n" if d
+                   else f"{n:<{name_width}}  {v}\n" for n, v, d in rows)
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (line and column, 1-based)."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
 def apply_override(data: dict, assignment: str) -> None:
     """Apply `a.b.c=value` (value read as YAML: 3, 0.5, true, mult) to a nested mapping."""
     key, sep, raw = assignment.partition("=")
@@ -131,7 +197,11 @@ def apply_override(data: dict, assignment: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"--set {assignment!r}: {part} is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {assignment!r}: {key.strip()}: the value is not valid YAML "
+                          f"({_yaml_problem(e)})") from None
 
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
@@ -158,7 +228,12 @@ def load(cls: type[T], path: str | Path | None, section: str,
     data: dict = {}
     if path is not None:
         path = preset_path(path)
-        document = yaml.safe_load(path.read_text()) or {}
+        try:
+            document = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot be read: {e}") from None
         if not isinstance(document, dict):
             raise ConfigError(f"{path}: expected a mapping of stage sections")
         data = document.get(section) or {}

@@ -1,7 +1,8 @@
 """Plots and the Markdown report of an evaluation: the paper's three comparisons.
 
 Accuracy against the context-window limit, against total tokens, and against latency, one
-series per decoding method (APR over child budgets, SoS+ best-of-N and majority over N).
+series per decoding method (APR over child budgets, SoS+ best-of-N and majority over N). The
+total-tokens plot also draws each setting's accuracy under a total-token budget T.
 """
 
 from __future__ import annotations
@@ -42,9 +43,15 @@ def write_plots(metrics: dict, directory: Path) -> list[Path]:
            title="Accuracy against context window")
     paths.append(_save(fig, ax, directory / PLOTS["context"]))
 
-    for key, index, label in (("tokens", 0, "mean total tokens per problem"),
+    for key, index, label in (("tokens", 0, "total tokens per problem (mean, or budget T)"),
                               ("latency", 1, "mean latency per problem (s)")):
         fig, ax = plt.subplots(figsize=(6, 4))
+        if key == "tokens":
+            for name, m in settings.items():
+                at = m.get("accuracy_at_total_tokens", {})  # absent in older metrics.json
+                budgets = sorted(int(t) for t in at)
+                ax.plot(budgets, [100 * at[str(t)] for t in budgets], linestyle="--",
+                        marker=".", alpha=0.7, label=f"{name} within T")
         for method, points in _series(settings).items():
             points = sorted(points, key=lambda p: p[index])
             ax.plot([p[index] for p in points], [100 * p[2] for p in points], marker="o",
@@ -75,7 +82,8 @@ def markdown(metrics: dict) -> str:
         f"# Evaluation: {metrics['problems']} {metrics['split']} problems",
         "",
         f"Engine `{metrics['engine']}`, model `{metrics.get('model')}`, context window "
-        f"{metrics['context']} tokens, {metrics['seconds']} s. Accuracy is checked by the "
+        f"{metrics['context']} tokens{_budget(metrics.get('total_tokens'))}, "
+        f"{metrics['seconds']} s. Accuracy is checked by the "
         "verifier (the solution replayed over the problem's numbers), never taken from the "
         "model's claim.",
         "",
@@ -98,8 +106,26 @@ def markdown(metrics: dict) -> str:
     for name, m in metrics["settings"].items():
         lines.append(f"| {name} | " + " | ".join(
             f"{100 * m['accuracy_at_context'].get(str(c), 0):.1f}%" for c in limits) + " |")
+    budgets = sorted({int(t) for m in metrics["settings"].values()
+                      for t in m.get("accuracy_at_total_tokens", {})})
+    if budgets:
+        lines += ["", "Accuracy when a problem may spend at most T tokens in all its contexts "
+                  "(a solve that spent more fails):", ""]
+        lines.append("| setting | " + " | ".join(f"T={t}" for t in budgets) + " |")
+        lines.append("| --- |" + " --- |" * len(budgets))
+        for name, m in metrics["settings"].items():
+            at = m.get("accuracy_at_total_tokens", {})
+            lines.append(f"| {name} | " + " | ".join(
+                f"{100 * at[str(t)]:.1f}%" if str(t) in at else "-" for t in budgets) + " |")
     lines += [""] + [f"![{key}]({file})" for key, file in PLOTS.items()] + [""]
     return "\n".join(lines)
+
+
+def _budget(total_tokens: int | dict | None) -> str:
+    """The header's note of the total-token budget the solves ran under, if any."""
+    if isinstance(total_tokens, dict):  # a comparison: each model's evaluation
+        return "".join(f", {k} total-token budget {v}" for k, v in total_tokens.items() if v)
+    return f", total-token budget {total_tokens} per solve" if total_tokens else ""
 
 
 def write_report(metrics: dict, directory: Path) -> Path:
@@ -112,6 +138,8 @@ def compare(apr_metrics: dict, sos_metrics: dict) -> dict:
     """One metrics document holding the APR model's settings and the SoS+ model's settings."""
     merged = {key: apr_metrics.get(key) for key in ("engine", "problems", "split", "context")}
     merged["model"] = {"apr": apr_metrics.get("model"), "sos": sos_metrics.get("model")}
+    merged["total_tokens"] = {"apr": apr_metrics.get("total_tokens", 0),
+                              "sos": sos_metrics.get("total_tokens", 0)}
     merged["seconds"] = round(apr_metrics.get("seconds", 0) + sos_metrics.get("seconds", 0), 2)
     merged["settings"] = {**{k: v for k, v in apr_metrics["settings"].items() if k.startswith("apr")},
                           **{k: v for k, v in sos_metrics["settings"].items() if k.startswith("sos")}}

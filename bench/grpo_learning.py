@@ -32,6 +32,7 @@ import statistics
 import time
 from pathlib import Path
 
+from apr import atomic
 from apr.config import load
 from apr.stages import datagen, grpo, sft
 
@@ -125,10 +126,7 @@ def fixed_problems(data: Path, out: Path, n: int) -> Path:
     lines = (data / "problems" / "val.jsonl").read_text().splitlines()[:n]
     (out / "problems").mkdir(parents=True, exist_ok=True)
     for split in ("train", "val"):
-        path = out / "problems" / f"{split}.jsonl"
-        partial = path.with_suffix(".partial")
-        partial.write_text("\n".join(lines) + "\n")
-        partial.replace(path)
+        atomic.write_text(out / "problems" / f"{split}.jsonl", "\n".join(lines) + "\n")
     return out
 
 

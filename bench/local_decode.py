@@ -27,9 +27,10 @@ import time
 import torch
 
 from apr.countdown.trace import SPAWN_END
+from apr.dataset import load_problems
 from apr.decode.local import DecodeStats, LocalEngine
 from apr.decode.runtime import Budgets, solve_apr
-from apr.stages.evaluate import EvalConfig, evaluate, load_problems
+from apr.stages.evaluate import EvalConfig, evaluate
 
 
 def baseline_ms_per_step(model, batch: int, new_tokens: int, static: bool, warmups: int

@@ -20,10 +20,10 @@ import asyncio
 import statistics
 import time
 
+from apr.dataset import load_problems
 from apr.decode.local import BATCHING, DecodeStats, LocalEngine
 from apr.decode.runtime import Budgets
 from apr.rl.rollouts import collect
-from apr.stages.evaluate import load_problems
 
 
 def main() -> None:

@@ -382,8 +382,13 @@ def test_sglang_command_gpu_and_shm(rendered):
 
 
 def test_probes(rendered):
+    # The GRPO sidecar's check (exec probes there, httpGet here).
+    from test_k8s import sglang_probe_problems
+
     for variant, budget, generates in (("defaults", 1200, "false"), ("custom", 1500, "true")):
         sglang = container(rendered(variant), "sglang")
+        # kubelet dials the pod IP: SGLang must listen on it, and the named port be its port.
+        assert sglang_probe_problems(sglang) == ([], {"httpGet"})
         startup = sglang["startupProbe"]
         assert startup["httpGet"] == {"path": "/health_generate", "port": "sglang"}
         assert startup["periodSeconds"] * startup["failureThreshold"] == budget

@@ -189,3 +189,162 @@ def test_cli_runs_datagen(tmp_path, capsys):
     assert code == 0
     assert (out / "stats.json").is_file() and (out / "problems" / "train.jsonl").is_file()
     assert "problems" in capsys.readouterr().out
+
+
+# --- every stage's keys: docs, presets, `apr config show` ---------------------------------
+def stage_configs() -> dict[str, tuple[type, str]]:
+    """stage -> (config class, section), as `apr config show` finds them."""
+    import importlib
+
+    out = {}
+    for stage, (module_name, class_name) in cli.CONFIGS.items():
+        module = importlib.import_module(module_name)
+        out[stage] = (getattr(module, class_name), module.SECTION)
+    return out
+
+
+def test_config_show_knows_every_stage():
+    assert set(cli.CONFIGS) == {"datagen", "sft", "grpo", "evaluate"}
+    assert {stage: section for stage, (_, section) in stage_configs().items()} == {
+        s: s for s in cli.CONFIGS}
+
+
+def undocumented(cls: type, prefix: str = "") -> list[str]:
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    missing = []
+    for f in dataclasses.fields(cls):
+        doc = f.metadata.get("doc")
+        if not isinstance(doc, str) or not doc.strip():
+            missing.append(prefix + f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            missing += undocumented(hints[f.name], f"{prefix}{f.name}.")
+    return missing
+
+
+@pytest.mark.parametrize("stage", ["datagen", "sft", "grpo", "evaluate"])
+def test_every_config_field_has_a_doc(stage):
+    cls, _ = stage_configs()[stage]
+    assert undocumented(cls) == [], f"{cls.__name__}: fields without option(..., doc)"
+
+
+def test_config_keys_flatten_nested_configs_with_types_and_docs():
+    from apr.config import config_keys
+
+    keys = {k.name: k for k in config_keys(DatagenConfig)}
+    assert "problems" not in keys and "apr" not in keys
+    key = keys["problems.train_size"]
+    assert (key.type, key.value) == ("int", 500_000) and key.doc
+    assert keys["apr.promising_threshold"].type == "float"
+    assert keys["compression"].value == "none"
+    loaded = {k.name: k.value for k in config_keys(load_datagen("problems.train_size=7"))}
+    assert loaded["problems.train_size"] == 7
+
+
+def flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def test_every_preset_loads_every_stage():
+    from apr.config import preset_path, presets, to_dict
+
+    names = presets()
+    assert {"local", "gpu-small", "paper"} <= set(names)
+    configs = stage_configs()
+    for name in names:
+        document = yaml.safe_load(preset_path(name).read_text())
+        unknown = set(document) - set(configs)
+        assert not unknown, f"preset {name}: sections the code does not know: {sorted(unknown)}"
+        for stage, (cls, section) in configs.items():
+            assert isinstance(document.get(section), dict), f"preset {name} has no {section}:"
+            config = load(cls, name, section)  # unknown keys and bad values raise ConfigError
+            assert isinstance(config, cls)
+            config.validate()
+            loaded = flatten(to_dict(config))
+            for key, value in flatten(document[section]).items():
+                assert loaded[key] == value, f"preset {name}: {section}.{key}"
+
+
+@pytest.mark.parametrize("stage", ["datagen", "sft", "grpo", "evaluate"])
+def test_shown_values_paste_back_into_set(stage):
+    from apr.config import config_keys, format_value
+
+    cls, section = stage_configs()[stage]
+    config = load(cls, "paper", section)
+    overrides = [f"{k.name}={format_value(k.value)}" for k in config_keys(config)]
+    assert load(cls, None, section, overrides) == config
+
+
+def show_lines(capsys, *argv: str) -> dict[str, str]:
+    import re
+
+    assert cli.main(["config", "show", *argv]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines
+    # aligned: the value column and the doc column start at the same place on every line
+    assert len({re.match(r"\S+ +", line).end() for line in lines}) == 1
+    assert len({line.index("  # ") for line in lines}) == 1
+    return {line.split()[0]: line for line in lines}
+
+
+def test_cli_config_show_prints_keys_values_and_docs(capsys):
+    import re
+
+    from apr.config import config_keys, format_value
+    from apr.stages.sft import SFTConfig
+
+    lines = show_lines(capsys, "sft", "--config", "local")
+    config = load(SFTConfig, "local", "sft")
+    assert list(lines) == [k.name for k in config_keys(SFTConfig)]
+    for key in config_keys(config):
+        assert re.fullmatch(rf"{re.escape(key.name)} +{re.escape(format_value(key.value))} +"
+                            rf"# {re.escape(key.doc)}", lines[key.name]), lines[key.name]
+    assert lines["shape"].split()[1] == "tiny" and lines["max_steps"].split()[1] == "40"
+    lines = show_lines(capsys, "sft", "--config", "local", "--set", "shape=small")
+    assert lines["shape"].split()[1] == "small" and lines["max_steps"].split()[1] == "40"
+    # without --config: the defaults; nested keys are dotted
+    assert show_lines(capsys, "sft")["shape"].split()[1] == "paper"
+    assert show_lines(capsys, "datagen")["problems.train_size"].split()[1] == "500000"
+
+
+def test_cli_config_show_rejects_a_bad_value(capsys):
+    assert cli.main(["config", "show", "sft", "--set", "shape=huge"]) == 2
+    err = capsys.readouterr().err
+    assert "sft.shape" in err and "'tiny'" in err
+
+
+@pytest.mark.parametrize("stage", ["datagen", "sft", "grpo", "evaluate"])
+def test_stage_help_points_to_config_show(stage, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([stage, "--help"])
+    assert f"keys: apr config show {stage}" in capsys.readouterr().out
+
+
+def test_yaml_syntax_errors_name_the_file_or_key(tmp_path, capsys):
+    from apr.stages.sft import SFTConfig
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sft:\n  shape: tiny\n  lr: [1.0e-3\n")
+    with pytest.raises(ConfigError) as info:
+        load(SFTConfig, bad, "sft")
+    assert str(bad) in str(info.value) and "YAML" in str(info.value) and "line" in str(info.value)
+    # the CLI prints the message, not a traceback
+    assert cli.main(["config", "show", "sft", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "Traceback" not in err
+    with pytest.raises(ConfigError) as info:
+        load(SFTConfig, None, "sft", ["lr=[1e-3"])
+    assert "lr" in str(info.value) and "YAML" in str(info.value)
+    assert cli.main(["sft", "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+                     "--set", "shape=a: b: c"]) == 2
+    err = capsys.readouterr().err
+    assert "shape" in err and "YAML" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

@@ -56,6 +56,75 @@ def apr_series() -> set[str]:
     return names
 
 
+def series_kinds() -> dict[str, str]:
+    """Every series the dashboards may query (APR's and SGLang's), with its family's type."""
+    from apr.serve.metrics import Metrics
+
+    kinds = {}
+    for family in Metrics().registry.collect():
+        kinds |= dict.fromkeys(exported(family.type, family.name), family.type)
+    for name, kind in SGLANG_METRICS.items():
+        kinds |= dict.fromkeys(exported(kind, name), kind)
+    return kinds
+
+
+def apr_labels() -> dict[str, set[str]]:
+    """The label names of each APR series (from the server's own collectors)."""
+    from apr.serve.metrics import Metrics
+
+    out = {}
+    for collector in vars(Metrics()).values():
+        if hasattr(collector, "_labelnames"):
+            kind = collector._type
+            for series in exported(kind, collector._name):
+                out[series] = set(collector._labelnames) | ({"le"} if series.endswith("_bucket")
+                                                            else set())
+    return out
+
+
+def _call_arguments(expr: str, function: str) -> list[str]:
+    """The text inside the parentheses of each call of `function` in `expr`."""
+    out = []
+    for m in re.finditer(rf"\b{function}\s*\(", expr):
+        depth, start = 1, m.end()
+        for i in range(start, len(expr)):
+            depth += {"(": 1, ")": -1}.get(expr[i], 0)
+            if depth == 0:
+                out.append(expr[start:i])
+                break
+    return out
+
+
+def query_problems(expr: str, kinds: dict[str, str], labels: dict[str, set[str]]) -> list[str]:
+    """What a query does with a metric that its type does not allow: rate() of a gauge, a
+    counter or histogram series read raw, histogram_quantile over other than buckets or
+    without `le`, and grouping by a label an APR metric does not have."""
+    problems = []
+    names = metric_names(expr)
+    rated = {m.group(2) for m in re.finditer(
+        r"\b(rate|irate|increase)\s*\(\s*([A-Za-z_:][A-Za-z0-9_:]*)", expr)}
+    for name in sorted(names):
+        kind = kinds.get(name)
+        if name in rated and kind == "gauge":
+            problems.append(f"rate of the gauge {name}")
+        if name not in rated and kind in ("counter", "histogram"):
+            problems.append(f"the {kind} series {name} is read without rate()")
+    for argument in _call_arguments(expr, "histogram_quantile"):
+        inner = metric_names(argument)
+        if not inner or any(not n.endswith("_bucket") for n in inner):
+            problems.append(f"histogram_quantile over {sorted(inner)}, not _bucket series")
+        grouped = re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", argument)
+        if grouped and "le" not in {g.strip() for g in grouped[-1].split(",")}:
+            problems.append("histogram_quantile of an aggregation without le")
+    if names and names <= set(labels):  # APR's own metrics: their labels are known
+        allowed = set().union(*(labels[n] for n in names)) | {"instance", "job"}
+        for grouped in re.findall(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)", expr):
+            for label in filter(None, (g.strip() for g in grouped.split(","))):
+                if label not in allowed:
+                    problems.append(f"grouping by {label}, a label none of {sorted(names)} has")
+    return problems
+
+
 def metric_names(expr: str) -> set[str]:
     """Metric names in a PromQL expression (a lexer, not a parser: promtool parses below)."""
     e = re.sub(r'"(?:\\.|[^"\\])*"', '""', expr)  # strings (label values, Grafana variables)
@@ -126,6 +195,46 @@ def test_every_query_names_only_real_metrics(path):
                 assert name in known_sglang, f"{name} is not a confirmed SGLang metric ({expr})"
             else:
                 pytest.fail(f"{name} is neither an APR nor an SGLang metric ({expr})")
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
+def test_every_query_uses_its_metrics_as_their_types_allow(path):
+    kinds, labels = series_kinds(), apr_labels()
+    assert labels["apr_requests_total"] == {"mode", "outcome"}  # the collectors were read
+    for expr in exprs(dashboard(path)):
+        assert query_problems(expr, kinds, labels) == [], expr
+
+
+@pytest.mark.parametrize("expr, expected", [
+    ('sum by (outcome) (rate(apr_requests_total{instance=~"$instance"}[5m]))', []),
+    ("rate(apr_requests_in_flight[5m])", ["rate of the gauge apr_requests_in_flight"]),
+    ("sum(apr_errors_total)", ["the counter series apr_errors_total is read without rate()"]),
+    ("histogram_quantile(0.9, sum by (role) (rate(apr_engine_call_duration_seconds_bucket[5m])))",
+     ["histogram_quantile of an aggregation without le"]),
+    ("histogram_quantile(0.9, rate(apr_request_duration_seconds_sum[5m]))",
+     ["histogram_quantile over ['apr_request_duration_seconds_sum'], not _bucket series"]),
+    ("sum by (outcome) (rate(apr_errors_total[5m]))",
+     ["grouping by outcome, a label none of ['apr_errors_total'] has"]),
+    ("sum by (le, model) (rate(sglang:e2e_request_latency_seconds_bucket[5m]))", []),
+])
+def test_the_query_check_finds_misused_metrics(expr, expected):
+    assert query_problems(expr, series_kinds(), apr_labels()) == expected
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
+def test_panels_fit_the_grid_without_overlapping_and_name_their_queries(path):
+    dash = dashboard(path)
+    placed = []
+    for panel in dash["panels"]:  # a collapsed row's panels are placed when it opens
+        x, y, w, h = (panel["gridPos"][k] for k in "xywh")
+        assert w > 0 and h > 0 and 0 <= x and x + w <= 24, panel["title"]
+        for other, (ox, oy, ow, oh) in placed:
+            assert x + w <= ox or ox + ow <= x or y + h <= oy or oy + oh <= y, \
+                f"{panel['title']!r} overlaps {other!r}"
+        placed.append((panel["title"], (x, y, w, h)))
+    for panel in panels(dash):
+        refs = [t["refId"] for t in panel["targets"]]
+        assert len(refs) == len(set(refs)), f"{panel['title']!r} repeats a refId"
 
 
 def test_dashboards_cover_every_apr_metric_and_the_engine():

@@ -53,6 +53,7 @@ def test_cut_at_stop_keeps_the_earliest_stop_string():
     assert cut_at_stop("abc", ["<X>"]) == ("abc", None)
 
 
+@pytest.mark.slow
 def test_greedy_batch_equals_one_by_one(engine):
     prompts = [PROMPT, "Current State: 50:[5, 10], Operations: []\n", "Moving to Node #0,1\n"]
     sampling = Sampling(12, 0.0)
@@ -64,6 +65,7 @@ def test_greedy_batch_equals_one_by_one(engine):
         assert c.finish_reason in (STOP, LENGTH) and c.completion_tokens <= 12
 
 
+@pytest.mark.slow
 def test_the_shrinking_loop_decodes_what_generate_decodes(engine, model_dir):
     """Rows leaving the batch early change nothing in what the others decode: greedy rows with
     their own limits and a stop string that some of them write match transformers' generate."""
@@ -81,6 +83,7 @@ def test_the_shrinking_loop_decodes_what_generate_decodes(engine, model_dir):
     assert any(c.matched == stop for c in ours)
 
 
+@pytest.mark.slow
 def test_a_row_that_ends_leaves_the_batch(model_dir):
     rows = [(PROMPT, Sampling(n, 0.0)) for n in (2, 16, 16)]
     for batching in ("shrink", "generate"):
@@ -93,6 +96,7 @@ def test_a_row_that_ends_leaves_the_batch(model_dir):
             assert e.stats.row_steps == 3 * e.stats.steps > decoded
 
 
+@pytest.mark.slow
 def test_an_unknown_batching_names_the_choices(model_dir):
     with pytest.raises(ValueError, match="shrink, generate"):
         LocalEngine(model_dir, batching="continuous")
@@ -108,6 +112,7 @@ def test_token_limit_gives_length_and_counts_tokens(engine):
         assert c.completion_tokens == written + 1  # EOS counts as generated
 
 
+@pytest.mark.slow
 def test_stop_strings_end_generation_and_stay_in_the_text(engine):
     """Whatever the random model writes, a stop string that occurs ends the text, once."""
     [free] = asyncio.run(engine.generate([PROMPT], Sampling(40, 0.0)))
@@ -119,6 +124,7 @@ def test_stop_strings_end_generation_and_stay_in_the_text(engine):
     assert free.text.startswith(c.text)
 
 
+@pytest.mark.slow
 def test_concurrent_requests_share_one_batch(engine, monkeypatch):
     batches = []
     original = engine.decode
@@ -177,6 +183,7 @@ def server(model_dir):
     proc.wait(timeout=20)
 
 
+@pytest.mark.slow
 def test_sglang_client_and_server_agree_with_the_local_engine(server, engine):
     prompts = [PROMPT, "Current State: 50:[5, 10], Operations: []\n"]
     sampling = Sampling(10, 0.0, stop=("]",))
@@ -197,6 +204,7 @@ def test_sglang_client_and_server_agree_with_the_local_engine(server, engine):
                                c.completion_tokens) for c in expected]
 
 
+@pytest.mark.slow
 def test_server_speaks_sglang_shapes_and_rejects_unknown_keys(server):
     one = httpx.post(server + "/generate", json={"text": "Moving to Node #0\n",
                                                  "sampling_params": {"max_new_tokens": 3,
@@ -217,6 +225,7 @@ def test_server_speaks_sglang_shapes_and_rejects_unknown_keys(server):
     assert httpx.post(server + "/flush_cache").status_code == 200
 
 
+@pytest.mark.slow
 def test_weight_update_from_disk_changes_what_the_server_generates(server, model_dir, tmp_path):
     other = tmp_path / "other"
     model_lib.save(model_lib.build("tiny", seed=99), other)
@@ -285,6 +294,7 @@ def test_a_connection_the_server_closed_is_retried_once(drops, ok):
 
 
 @pytest.mark.parametrize("batching", ["shrink", "generate"])
+@pytest.mark.slow
 def test_logprobs_of_a_padded_batch_are_each_rows_own(model_dir, batching):
     """Sampled tokens' log-probs (softmax of logits / temperature, as SGLang reports them)
     match a forward pass over each row alone: left padding changes nothing."""

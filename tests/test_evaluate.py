@@ -48,11 +48,26 @@ def test_metrics_of_hand_made_rows_equal_hand_computed_values():
     assert voted["majority_accuracy"] == 0.5
 
 
+def test_accuracy_at_a_total_token_budget_counts_correct_solves_that_fit():
+    rows = [hand_row(True, 4, 1000, 400, 300, 1.0),
+            hand_row(False, 2, 700, 600, 900, 3.0, ["budget_exhausted"]),
+            hand_row(True, 0, 600, 600, 600, 2.0),
+            hand_row(True, 6, 3000, 800, 1200, 4.0)]
+    m = summarize(rows, [512], [500, 600, 999, 1000, 4000])
+    # correct with total <= T: none below 600; the third from 600; the first from 1000
+    assert m["accuracy_at_total_tokens"] == {"500": 0.0, "600": 0.25, "999": 0.25,
+                                             "1000": 0.5, "4000": 0.75}
+    assert m["failures"] == {"budget_exhausted": 1}
+    assert summarize(rows, [512])["accuracy_at_total_tokens"] == {}
+    assert summarize([], [512], [600])["accuracy_at_total_tokens"] == {"600": 0.0}
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("eval") / "data", train=10, val=50, seed=5)
 
 
+@pytest.mark.slow
 def test_oracle_evaluation_reports_the_solver_solve_rates(dataset, tmp_path):
     config = from_dict(EvalConfig, {"engine": "oracle", "context": 1 << 20,
                                     "context_limits": [4096, 1 << 20]})
@@ -67,6 +82,32 @@ def test_oracle_evaluation_reports_the_solver_solve_rates(dataset, tmp_path):
     assert len(rows) == 100 and {r["setting"] for r in rows} == {"apr", "sos"}
 
 
+@pytest.mark.slow
+def test_oracle_evaluation_under_a_total_token_budget(dataset, tmp_path):
+    """Every solve runs under `total_tokens`; the solves it cuts count as budget_exhausted,
+    and each setting scores at least what the unlimited run's curve says at that budget."""
+    budget = 2000
+    unlimited = evaluate.run(from_dict(EvalConfig, {
+        "engine": "oracle", "context": 1 << 20, "total_token_limits": [budget]}),
+        None, dataset, tmp_path / "unlimited", progress=False)
+    config = from_dict(EvalConfig, {"engine": "oracle", "context": 1 << 20,
+                                    "total_tokens": budget, "total_token_limits": [budget]})
+    metrics = evaluate.run(config, None, dataset, tmp_path / "eval", progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "eval" / "results.jsonl").read_text().splitlines()]
+    assert metrics["total_tokens"] == budget
+    for name, m in metrics["settings"].items():
+        mine = [r for r in rows if r["setting"] == name]
+        cut = sum("budget_exhausted" in r["failures"] for r in mine)
+        assert cut > 0 and m["failures"]["budget_exhausted"] == cut
+        assert all(r["tokens"]["total"] <= budget for r in mine if r["correct"])
+        assert m["accuracy"] == m["accuracy_at_total_tokens"][str(budget)]
+        curve = unlimited["settings"][name]["accuracy_at_total_tokens"][str(budget)]
+        assert curve <= m["accuracy"] < unlimited["settings"][name]["accuracy"]
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert f"total-token budget {budget} per solve" in report and f"| T={budget} |" in report
+
+
+@pytest.mark.slow
 def test_cpu_run_with_a_tiny_model_writes_every_output(dataset, tmp_path):
     model_lib.save(model_lib.build("tiny", seed=2), tmp_path / "model")
     config = from_dict(EvalConfig, {"engine": "local", "context": 160, "max_problems": 50,
@@ -89,3 +130,7 @@ def test_bad_evaluation_configs_name_the_key():
         load(EvalConfig, None, "evaluate", ["engine=vllm"])
     with pytest.raises(ConfigError, match="evaluate.sos_samples"):
         load(EvalConfig, None, "evaluate", ["sos_samples=[0]"])
+    with pytest.raises(ConfigError, match=r"evaluate.total_tokens: -1 is out of range"):
+        load(EvalConfig, None, "evaluate", ["total_tokens=-1"])
+    with pytest.raises(ConfigError, match="evaluate.total_token_limits: .* must be >= 1"):
+        load(EvalConfig, None, "evaluate", ["total_token_limits=[2048, 0]"])

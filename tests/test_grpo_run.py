@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from collections import Counter
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from conftest import S3_KEYS, ServedApp, make_dataset
@@ -22,6 +24,7 @@ from safetensors.torch import load_file
 
 from apr import model as model_lib
 from apr import storage
+from apr import tokenizer as domain_tokenizer
 from apr.config import from_dict
 from apr.dataset import read_records
 from apr.decode.engine import LENGTH
@@ -33,7 +36,7 @@ from apr.stages.grpo import GRPOConfig, GRPOError, run, validate
 class ScriptedEngine:
     """The oracle's answers, every second answer to a problem's first prompt cut in half."""
 
-    def __init__(self, records: list[dict], on_update: str = "apply"):
+    def __init__(self, records: list[dict], on_update: str = "apply", score: bool = False):
         self.oracle = OracleEngine(records)
         self.roots = {r["threads"][0]["prompt"] for r in records}
         self.asked: Counter = Counter()
@@ -41,6 +44,10 @@ class ScriptedEngine:
         self.on_update = on_update
         self.versions: list[str] = []
         self.served: ServedApp | None = None
+        # score: report each answer's log-probs under the weights last loaded, as SGLang does
+        self.score = score
+        self.model = None
+        self.tok = domain_tokenizer.build()
 
     async def generate(self, prompts, sampling):
         out = []
@@ -52,8 +59,20 @@ class ScriptedEngine:
                     text = self.oracle._tok.decode(list(half), skip_special_tokens=False)
                     c = replace(c, text=text, finish_reason=LENGTH, matched=None,
                                 completion_tokens=len(half), token_ids=half)
+            if self.score and sampling.logprobs and c.token_ids:
+                c = replace(c, logprobs=self._logprobs(prompt, c.token_ids, sampling.temperature))
             out.append(replace(c, weight_version=self.weight_version))
         return out
+
+    def _logprobs(self, prompt, token_ids, temperature):
+        """log_softmax(logits / temperature) of the answer's tokens after BOS + the prompt."""
+        prompt_ids = self.tok.encode(prompt, add_special_tokens=False).ids
+        ids = torch.tensor([[self.tok.token_to_id(domain_tokenizer.BOS), *prompt_ids,
+                             *token_ids]])
+        with torch.no_grad():
+            logits = self.model(input_ids=ids).logits[0, -len(token_ids) - 1:-1]
+        return tuple(model_lib.sampled_logprobs(logits, torch.tensor(token_ids),
+                                                temperature).tolist())
 
     def load_weights(self, path, version):
         if self.on_update == "reject" and version != "0":
@@ -62,6 +81,8 @@ class ScriptedEngine:
             self.served.server.should_exit = True
         if self.on_update != "ignore" or version == "0":
             self.weight_version = version
+            if self.score:
+                self.model = model_lib.load(path).eval()
         self.versions.append(version)
 
     async def ready(self):
@@ -107,8 +128,10 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_a_run_trains_syncs_every_step_and_resumes_exactly(setup, tmp_path):
-    straight, engine = grpo(setup, tmp_path / "straight")
+    straight, engine = grpo(setup, tmp_path / "straight",
+                            engine=ScriptedEngine(setup[2], score=True))
     assert engine.versions == ["0", "1", "2", "3"]
     records = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
     steps = [r for r in records if "reward" in r]
@@ -119,6 +142,10 @@ def test_a_run_trains_syncs_every_step_and_resumes_exactly(setup, tmp_path):
         assert {"policy_loss", "kl", "clipped_fraction", "grad_norm", "rollout_s", "train_s",
                 "sync_s"} <= set(r)
         assert r["kl"] > 0 and 0 <= r["clipped_fraction"] <= 1
+        # The server scored its tokens with the weights the trainer sent: every row compared,
+        # and the trainer's log-probs of the same tokens agree (float noise only).
+        assert r["logprob_gap_unchecked_rows"] == 0
+        assert isinstance(r["logprob_gap"], float) and 0 <= r["logprob_gap"] < 1e-3
     assert steps[0]["kl"] < steps[-1]["kl"]  # the policy moves away from the reference
     vals = [r for r in records if "val_accuracy" in r]
     assert [r["step"] for r in vals] == [0, 2, 3]
@@ -153,18 +180,21 @@ def test_validation_adds_the_sampled_reward_of_each_problem_when_asked(setup):
     assert greedy_only["val_accuracy"] == 1.0 and "val_reward" not in greedy_only
 
 
+@pytest.mark.slow
 def test_weights_the_server_did_not_apply_stop_the_run(setup, tmp_path):
     with pytest.raises(GRPOError, match=r"at step 1[\s\S]*did not apply the last weight update"):
         grpo(setup, tmp_path / "run", on_update="ignore")
     assert (tmp_path / "run" / "checkpoints" / "step-0000001" / "trainer.json").is_file()
 
 
+@pytest.mark.slow
 def test_a_rejected_update_ends_with_a_checkpoint_to_resume(setup, tmp_path):
     with pytest.raises(GRPOError, match=r"rejected[\s\S]*shapes do not match[\s\S]*--resume"):
         grpo(setup, tmp_path / "run", on_update="reject")
     assert (tmp_path / "run" / "checkpoints" / "step-0000001").is_dir()
 
 
+@pytest.mark.slow
 def test_a_server_that_goes_away_mid_run_is_resumed_on_a_new_one(setup, tmp_path):
     with pytest.raises(GRPOError, match=r"unreachable[\s\S]*--resume") as stopped:
         grpo(setup, tmp_path / "run", on_update="die")  # it shuts down after loading step 1
@@ -174,6 +204,7 @@ def test_a_server_that_goes_away_mid_run_is_resumed_on_a_new_one(setup, tmp_path
     assert result.steps == 3 and engine.versions == [str(v) for v in range(step, 4)]
 
 
+@pytest.mark.slow
 def test_a_run_that_publishes_to_s3_resumes_on_another_machine(setup, s3, tmp_path, monkeypatch):
     monkeypatch.setenv("S3_ENDPOINT", f"http://{s3.endpoint}")
     for key, value in S3_KEYS.items():
@@ -196,3 +227,40 @@ def test_a_run_that_publishes_to_s3_resumes_on_another_machine(setup, s3, tmp_pa
     assert (pulled / "model.safetensors").is_file()
     logs = storage.download(f"{out}/logs", tmp_path / "logs")
     assert [r["step"] for r in read_jsonl(logs / "metrics.jsonl") if "reward" in r] == [1, 2, 3]
+
+
+def _rows(sampler_logprobs):
+    """Training rows of 3 prompt + 4 answer tokens each, with the server's log-probs given."""
+    from apr.rl.rollouts import Rows
+    from apr.train.data import Sequences
+
+    n = len(sampler_logprobs)
+    tokens = np.tile(np.arange(5, 12, dtype=np.int64), n)
+    return Rows(Sequences(tokens, np.arange(n + 1, dtype=np.int64) * 7,
+                          np.full(n, 3, dtype=np.int32)),
+                np.asarray([1.0, -1.0] * (n // 2) + [1.0] * (n % 2), dtype=np.float32),
+                [np.asarray(lp, dtype=np.float32) for lp in sampler_logprobs],
+                np.arange(n, dtype=np.int64))
+
+
+@pytest.mark.slow
+def test_rows_without_comparable_server_logprobs_are_counted_and_said(setup, caplog):
+    from apr.rl.trainer import Trainer
+
+    config = from_dict(GRPOConfig, {**CONFIG, "kl_beta": 0.0})
+    trainer = Trainer(setup[1], config)
+    with caplog.at_level(logging.WARNING, logger="apr.rl.trainer"):
+        compared = trainer.update(_rows([[-1.0] * 4, [-2.0] * 4]), 0)
+    assert compared["logprob_gap_unchecked_rows"] == 0 and compared["logprob_gap"] > 0
+    assert not caplog.records
+    # One row without server log-probs, one with a token too few: counted, not compared.
+    with caplog.at_level(logging.WARNING, logger="apr.rl.trainer"):
+        partly = trainer.update(_rows([[-1.0] * 4, [], [-1.0] * 3]), 1)
+    assert partly["logprob_gap_unchecked_rows"] == 2 and isinstance(partly["logprob_gap"], float)
+    assert "not compared on 2 of 3 rows" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="apr.rl.trainer"):
+        none = trainer.update(_rows([[], []]), 2)
+    assert none["logprob_gap"] is None and none["logprob_gap_unchecked_rows"] == 2
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert "step 2" in caplog.text and "not compared on 2 of 2 rows" in caplog.text

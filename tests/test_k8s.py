@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import kubernetes_validate
 import pytest
 
@@ -27,18 +29,84 @@ def test_sglang_is_a_native_sidecar_after_the_model_pull(job):
     assert pod["restartPolicy"] == "Never" and job["spec"]["backoffLimit"] == 0
 
 
+def sglang_probe_problems(sglang: dict) -> tuple[list[str], set[str]]:
+    """Why the probes of an SGLang container would not reach it, and the probe kinds it has.
+
+    kubelet's httpGet probes dial the pod IP: they need SGLang on 0.0.0.0 and the port it
+    listens on (a number, or the name of a containerPort). An exec probe runs inside the
+    container: its command must call the host and port SGLang listens on. /health_generate
+    decodes a token: a probe of it needs 10 s or more.
+    """
+    command = sglang["command"]
+    host = command[command.index("--host") + 1] if "--host" in command else "127.0.0.1"
+    port = command[command.index("--port") + 1] if "--port" in command else "30000"
+    named = {p["name"]: str(p["containerPort"]) for p in sglang.get("ports", []) if "name" in p}
+    problems, kinds = [], set()
+    for name in ("startupProbe", "readinessProbe", "livenessProbe"):
+        check = sglang.get(name)
+        if check is None:
+            continue
+        if "httpGet" in check:
+            kinds.add("httpGet")
+            target = str(check["httpGet"]["port"])
+            target = named.get(target, target)
+            if host not in ("0.0.0.0", "::"):
+                problems.append(f"{name}: httpGet dials the pod IP, SGLang listens on {host}")
+            if target != port:
+                problems.append(f"{name}: httpGet to port {target}, SGLang listens on {port}")
+            generates = check["httpGet"]["path"] == "/health_generate"
+        elif "exec" in check:
+            kinds.add("exec")
+            line = " ".join(check["exec"]["command"])
+            urls = re.findall(r"https?://[^/\s'\"]+", line)
+            if urls != [f"http://{host}:{port}"]:
+                problems.append(f"{name}: exec calls {urls}, SGLang listens on {host}:{port}")
+            generates = "/health_generate" in line
+        else:
+            problems.append(f"{name}: neither httpGet nor exec")
+            continue
+        if generates and check.get("timeoutSeconds", 1) < 10:
+            problems.append(f"{name}: /health_generate within {check.get('timeoutSeconds', 1)} s")
+    return problems, kinds
+
+
 def test_the_probes_reach_sglang_where_it_listens(job):
     """kubelet's httpGet probes dial the pod IP: SGLang on loopback needs a probe from inside."""
     sidecar = job["spec"]["template"]["spec"]["initContainers"][1]
-    command = sidecar["command"]
-    host, port = command[command.index("--host") + 1], command[command.index("--port") + 1]
-    for probe in ("startupProbe", "readinessProbe"):
-        check = sidecar[probe]
-        if "httpGet" in check:
-            assert host == "0.0.0.0" and str(check["httpGet"]["port"]) == port
-        else:
-            assert f"http://{host}:{port}/health_generate" in " ".join(check["exec"]["command"])
-        assert check["timeoutSeconds"] >= 10  # /health_generate decodes a token, not instant
+    assert sglang_probe_problems(sidecar) == ([], {"exec"})
+    assert {"startupProbe", "readinessProbe"} <= set(sidecar)
+
+
+def _http_probes(sidecar: dict, port) -> dict:
+    probe = {"httpGet": {"path": "/health_generate", "port": port}, "timeoutSeconds": 30}
+    return {**sidecar, "startupProbe": probe, "readinessProbe": probe,
+            "ports": [{"name": "sglang", "containerPort": 30000}]}
+
+
+def _listening_on(sidecar: dict, host: str) -> dict:
+    command = list(sidecar["command"])
+    command[command.index("--host") + 1] = host
+    return {**sidecar, "command": command}
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda s: _http_probes(s, 30000),
+     ["startupProbe: httpGet dials the pod IP, SGLang listens on 127.0.0.1"]),
+    (lambda s: _http_probes(_listening_on(s, "0.0.0.0"), 30000), []),
+    (lambda s: _http_probes(_listening_on(s, "0.0.0.0"), "sglang"), []),
+    (lambda s: _http_probes(_listening_on(s, "0.0.0.0"), 8000),
+     ["startupProbe: httpGet to port 8000, SGLang listens on 30000"]),
+    (lambda s: _listening_on(s, "0.0.0.0"),
+     ["startupProbe: exec calls ['http://127.0.0.1:30000'], SGLang listens on 0.0.0.0:30000"]),
+    (lambda s: {**s, "startupProbe": {**s["startupProbe"], "timeoutSeconds": 5}},
+     ["startupProbe: /health_generate within 5 s"]),
+], ids=["http-to-loopback", "http-to-all", "http-named-port", "http-wrong-port",
+        "exec-wrong-host", "short-timeout"])
+def test_the_probe_check_catches_probes_that_miss_sglang(job, change, expected):
+    sidecar = change(job["spec"]["template"]["spec"]["initContainers"][1])
+    problems, kinds = sglang_probe_problems(sidecar)
+    assert problems[:1] == expected[:1] and bool(problems) == bool(expected)
+    assert kinds == ({"httpGet"} if "httpGet" in sidecar["startupProbe"] else {"exec"})
 
 
 def test_both_containers_get_a_gpu_and_share_the_weights_volume(job):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import signal
 import time
 import uuid
@@ -21,6 +22,8 @@ from conftest import ServedApp
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from apr import storage
+from apr.cluster import grpo_job as grpo_launch
 from apr.cluster import jobs as launch
 from apr.cluster.grpo_job import GRPOJobSpec, grpo_job
 from apr.cluster.jobs import JobFailed, LaunchError, launch_job
@@ -383,6 +386,7 @@ def test_a_job_left_by_an_earlier_try_is_replaced(cluster):
 
 
 @pytest.mark.parametrize("cluster", [{"hang": True}], indirect=True)
+@pytest.mark.slow
 def test_a_timeout_raises_and_deletes_the_job_even_while_following_the_log(cluster):
     fake, client = cluster
     logged: list[str] = []
@@ -486,6 +490,7 @@ def test_a_job_deleted_by_someone_else_ends_the_launch_with_that_reason(cluster)
 
 
 @pytest.mark.parametrize("cluster", [{"hang": True}], indirect=True)
+@pytest.mark.slow
 def test_a_silent_log_stream_is_opened_again_without_repeats(cluster, monkeypatch):
     """A stream with nothing to read for FOLLOW_READ_S may be a dead connection: follow anew."""
     fake, client = cluster
@@ -534,6 +539,93 @@ def test_an_interrupted_launch_still_deletes_the_job(cluster, interrupt):
         assert signal.getsignal(signal.SIGTERM) is guard  # the launcher put the handler back
     finally:
         signal.signal(signal.SIGTERM, previous)
+    assert _deleted(fake) == [f"{NAME} Foreground"]
+
+
+def _files(directory) -> dict[str, bytes]:
+    return {p.relative_to(directory).as_posix(): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != storage.MANIFEST}
+
+
+def test_run_grpo_job_stages_the_inputs_runs_the_job_and_brings_the_model_back(
+        cluster, s3, monkeypatch, tmp_path):
+    """The pipeline step's side of a GRPO Job, against the fake API server and a real S3
+    server; the trainer is played by the test, which publishes the run's outputs while the
+    Job's log is streamed (as `apr grpo --out s3://...` would)."""
+    fake, client = cluster
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    (sft / "config.json").write_text('{"model_type": "llama"}')
+    (sft / "model.safetensors").write_bytes(b"sft weights")
+    data = tmp_path / "data"
+    (data / "problems").mkdir(parents=True)
+    (data / "problems" / "train.jsonl").write_text('{"nums": [1, 2, 3], "target": 6}\n')
+    (data / "problems" / "val.jsonl").write_text('{"nums": [2, 2, 2], "target": 8}\n')
+    (data / "apr").mkdir()
+    (data / "apr" / "train-00000.npz").write_bytes(b"traces the trainer does not need")
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    (trained / "config.json").write_text('{"model_type": "llama"}')
+    (trained / "model.safetensors").write_bytes(b"grpo weights")
+    summary = {"steps": 3, "initial_val_accuracy": 0.25, "val_accuracy": 0.5}
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "grpo.json").write_text(json.dumps(summary))
+    (logs / "metrics.jsonl").write_text('{"step": 1, "reward": 0.5}\n')
+    store = "s3://apr-store/pipeline/"
+    base = f"s3://apr-store/pipeline/grpo-runs/{NAME}"
+
+    launched = []
+
+    def launch_here(manifest, **kwargs):  # the real launcher, on the fake cluster, polling fast
+        launched.append(kwargs)
+        return launch.launch_job(manifest, poll_s=0.02, api_client=client, **kwargs)
+
+    monkeypatch.setattr(grpo_launch, "launch_job", launch_here)
+    logged: list[str] = []
+
+    def trainer_runs(line: str) -> None:
+        logged.append(line)
+        if line == LINES[0]:  # the Job is running: what it was given is in the store
+            assert _files(storage.download(f"{base}/initial", tmp_path / "seen" / "initial",
+                                           s3)) == _files(sft)
+            assert _files(storage.download(f"{base}/problems", tmp_path / "seen" / "problems",
+                                           s3)) == {f"problems/{split}.jsonl": (
+                data / "problems" / f"{split}.jsonl").read_bytes() for split in ("train", "val")}
+            assert not storage.is_complete(f"{base}/run/model", s3)
+            storage.upload(trained, f"{base}/run/model", s3)
+            storage.upload(logs, f"{base}/run/logs", s3)
+
+    fields = {"name": NAME, "namespace": NS, "trainer_image": "example/apr-train:1",
+              "sglang_image": "example/sglang:1", "s3_endpoint": "http://minio.kubeflow:9000"}
+    out = tmp_path / "out" / "model"
+    result = grpo_launch.run_grpo_job(fields, str(sft), str(data), store,
+                                      ["--config", "gpu-small", "--set", "steps=3"], str(out),
+                                      settings=s3, timeout_s=60, log=trainer_runs)
+    assert result == summary
+    assert _files(out) == _files(trained)  # the trained model, not the SFT one
+    assert _trainer_lines(logged) == list(LINES)
+    [kwargs] = launched  # one Job, with the step's timeout and log
+    assert kwargs["timeout_s"] == 60 and kwargs["log"] is trainer_runs
+
+    job = fake.created
+    assert job["metadata"]["name"] == NAME and job["metadata"]["namespace"] == NS
+    kubernetes_validate.validate(job, "1.29.0", strict=True)
+    pod = job["spec"]["template"]["spec"]
+    [trainer] = pod["containers"]
+    assert trainer["image"] == "example/apr-train:1"
+    assert trainer["command"][:2] == ["apr", "grpo"]
+    args = trainer["command"][2:]
+    assert args[args.index("--model") + 1] == "/shared/initial"
+    assert args[args.index("--problems") + 1] == f"{base}/problems"
+    assert args[args.index("--out") + 1] == f"{base}/run"
+    assert "--resume" in args and "--no-progress" in args
+    assert args[-4:] == ["--config", "gpu-small", "--set", "steps=3"]
+    assert {"name": "S3_ENDPOINT", "value": "http://minio.kubeflow:9000"} in trainer["env"]
+    pull, sidecar = pod["initContainers"]
+    assert pull["command"] == ["apr", "pull", "--uri", f"{base}/initial", "--out",
+                               "/shared/initial"]
+    assert sidecar["image"] == "example/sglang:1"
     assert _deleted(fake) == [f"{NAME} Foreground"]
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -96,6 +98,67 @@ def test_components_install_nothing_at_run_time():
         assert "pip install" not in command, name
 
 
+class FakeMetrics:
+    """What a component does with a dsl.Output[dsl.Metrics]: a path and log_metric."""
+
+    def __init__(self, path: Path):
+        self.path, self.metadata, self.logged = str(path), {}, {}
+
+    def log_metric(self, name: str, value) -> None:
+        self.logged[name] = value
+
+
+@pytest.mark.parametrize("endpoint", ["http://minio.apr-store:9000", ""])
+def test_the_grpo_component_launches_a_job_with_its_own_endpoint(endpoint, tmp_path,
+                                                                 monkeypatch):
+    """launcher "job": the settings and the Job get the component's s3_endpoint (else the
+    environment's), and the step's environment is left as it was."""
+    from apr.cluster import grpo_job
+
+    pipeline.definition()  # `components` importable from the checkout
+    from components.grpo import grpo
+
+    monkeypatch.setenv("S3_ENDPOINT", "http://from-the-env:9000")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "step-access")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "step-secret")
+    calls = []
+
+    def run_grpo_job(fields, model_dir, data_dir, store, args, out_model, settings=None,
+                     timeout_s=0, log=None):
+        calls.append(dict(fields=fields, model_dir=model_dir, data_dir=data_dir, store=store,
+                          args=args, out_model=out_model, settings=settings,
+                          timeout_s=timeout_s))
+        return {"steps": 4, "initial_val_accuracy": None, "val_accuracy": 0.5}
+
+    monkeypatch.setattr(grpo_job, "run_grpo_job", run_grpo_job)
+    before = dict(os.environ)
+    model = SimpleNamespace(path=str(tmp_path / "model"), metadata={})
+    metrics = FakeMetrics(tmp_path / "metrics")
+    grpo.python_func(
+        preset="local", overrides=["steps=4", "group_size=2"], launcher="job", run_id="run-7",
+        store="s3://apr-store/pipeline", s3_endpoint=endpoint, namespace="ml-team",
+        train_image="example/apr-train:2", sglang_image="example/sglang:2", timeout_s=900.0,
+        sft_model=SimpleNamespace(path=str(tmp_path / "sft"), metadata={}),
+        data=SimpleNamespace(path=str(tmp_path / "data"), metadata={}), model=model,
+        metrics=metrics)
+    assert dict(os.environ) == before  # nothing the next step or component sees was changed
+    [call] = calls
+    expected = endpoint or "http://from-the-env:9000"
+    assert call["settings"].url == expected
+    assert (call["settings"].access_key, call["settings"].secret_key) == ("step-access",
+                                                                         "step-secret")
+    assert call["fields"] == {"name": grpo_job.job_name("run-7"), "namespace": "ml-team",
+                              "trainer_image": "example/apr-train:2",
+                              "sglang_image": "example/sglang:2", "s3_endpoint": expected}
+    assert call["args"] == ["--config", "local", "--set", "steps=4", "--set", "group_size=2"]
+    assert (call["model_dir"], call["data_dir"], call["out_model"]) == (
+        str(tmp_path / "sft"), str(tmp_path / "data"), model.path)
+    assert (call["store"], call["timeout_s"]) == ("s3://apr-store/pipeline", 900.0)
+    assert model.metadata == {"stage": "grpo", "preset": "local", "steps": 4}
+    assert metrics.logged == {"steps": 4, "val_accuracy": 0.5}  # a None accuracy is not logged
+
+
+@pytest.mark.slow
 def test_local_run_end_to_end(tmp_path):
     summary = pipeline.run_local(tmp_path, overrides={
         "datagen": ["problems.train_size=40", "problems.val_size=6", "problems.test_size=0",

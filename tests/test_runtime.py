@@ -13,6 +13,7 @@ from apr.countdown.threads import apr_threads, sos_threads
 from apr.decode.engine import LENGTH, STOP, Completion, Sampling
 from apr.decode.oracle import OracleEngine
 from apr.decode.runtime import (
+    ROLE,
     Budgets,
     Solve,
     Vote,
@@ -23,6 +24,7 @@ from apr.decode.runtime import (
     spawned_children,
 )
 from apr.stages.datagen import AprSolverConfig, SosSolverConfig
+from apr.tokenizer import count_tokens
 
 UNLIMITED = Budgets(context=1 << 20)
 
@@ -51,6 +53,7 @@ def run(coro):
     return asyncio.run(coro)
 
 
+@pytest.mark.slow
 def test_oracle_runtime_rebuilds_every_apr_thread_of_the_solver(corpus):
     engine = OracleEngine(corpus)
     apr = [r for r in corpus if r["kind"] == "apr"]
@@ -118,6 +121,121 @@ def test_context_window_cuts_threads_and_is_counted(corpus):
     assert solve.threads[0].finish_reason == LENGTH
     assert solve.longest_context <= 256
     assert solve.failure == "context_exhausted" and not solve.correct
+
+
+# --- budgets: which limit cut a solve, and the total-token budget over parent and children --
+class Limits(OracleEngine):
+    """The oracle, keeping each call's role and token limit."""
+
+    def __init__(self, records):
+        super().__init__(records)
+        self.calls = []
+
+    async def generate(self, prompts, sampling):
+        self.calls.append((ROLE.get(), len(prompts), sampling.max_new_tokens))
+        return await super().generate(prompts, sampling)
+
+
+def spawning(corpus, spawns: int = 1) -> dict:
+    """An APR record whose parent spawns at least `spawns` times, the first with 2+ children."""
+    return next(r for r in corpus if r["kind"] == "apr"
+                and sum(t["role"] == "parent" for t in r["threads"]) > spawns
+                and sum(t["role"] == "child" and t["spawn"] == 0 for t in r["threads"]) >= 2)
+
+
+def first_spawn(corpus, r) -> tuple[Solve, int, int]:
+    """The unlimited solve of `r`, the tokens spent when its first spawn's children start
+    (the parent's call and their prompts) and the most any of those children writes."""
+    solve = run(solve_apr(OracleEngine(corpus), r["nums"], r["target"], UNLIMITED))
+    parent, children = solve.threads[0], [t for t in solve.threads if t.role == "child"
+                                          and t.spawn == 0]
+    spent = parent.prompt_tokens + parent.completion_tokens + sum(
+        t.prompt_tokens - 1 for t in children)
+    return solve, spent, max(t.completion_tokens for t in children)
+
+
+@pytest.mark.parametrize("solver", [solve_apr, solve_sos])
+def test_a_prompt_that_fills_the_context_window_is_context_exhausted(solver, corpus):
+    r = next(r for r in corpus if r["kind"] == "apr")
+    engine = Limits(corpus)
+    solve = run(solver(engine, r["nums"], r["target"], Budgets(context=10)))
+    assert solve.failure == "context_exhausted" and not solve.correct
+    assert engine.calls == [] and solve.engine_calls == 0
+
+
+@pytest.mark.parametrize("solver", [solve_apr, solve_sos])
+def test_a_spent_total_budget_is_budget_exhausted(solver, corpus):
+    r = next(r for r in corpus if r["kind"] == "apr")
+    engine = Limits(corpus)
+    solve = run(solver(engine, r["nums"], r["target"], Budgets(context=1 << 20, total_tokens=10)))
+    assert solve.failure == "budget_exhausted" and not solve.correct
+    assert engine.calls == []
+
+
+@pytest.mark.parametrize("kind", ["apr", "sos"])
+def test_a_parent_cut_by_the_total_budget_is_budget_exhausted_not_context(kind, corpus):
+    r = next(r for r in corpus if r["kind"] == kind and len(r["threads"][0]["text"]) > 1000)
+    solver = solve_apr if kind == "apr" else solve_sos
+    first = run(solver(OracleEngine(corpus), r["nums"], r["target"], UNLIMITED)
+                ).threads[0].prompt_tokens
+    engine = Limits(corpus)
+    solve = run(solver(engine, r["nums"], r["target"],
+                       Budgets(context=1 << 20, total_tokens=first + 20)))
+    assert engine.calls == [("parent", 1, 20)]
+    assert solve.threads[0].finish_reason == LENGTH and solve.tokens_total == first + 20
+    assert solve.failure == "budget_exhausted" and not solve.correct
+
+
+def test_apr_parent_resuming_with_no_budget_left_is_budget_exhausted(corpus):
+    r = spawning(corpus, spawns=2)  # the first join does not end the solve
+    unlimited, spent, _ = first_spawn(corpus, r)
+    children = sum(t.completion_tokens for t in unlimited.threads
+                   if t.role == "child" and t.spawn == 0)
+    engine = Limits(corpus)
+    budget = spent + children  # every child of the first spawn runs to its end, then the join
+    solve = run(solve_apr(engine, r["nums"], r["target"],
+                          Budgets(context=1 << 20, total_tokens=budget)))
+    assert [role for role, _, _ in engine.calls] == ["parent", "child"]
+    assert all(t.finish_reason == STOP for t in solve.threads)  # nothing cut: the join overran
+    assert solve.tokens_total > budget
+    assert solve.failure == "budget_exhausted" and not solve.correct
+
+
+def test_children_write_at_most_what_the_total_budget_leaves(corpus):
+    r = spawning(corpus)
+    _, spent, longest = first_spawn(corpus, r)
+    engine = Limits(corpus)
+    solve = run(solve_apr(engine, r["nums"], r["target"],
+                          Budgets(context=1 << 20, total_tokens=spent + 5)))
+    assert longest > 5
+    assert engine.calls[1][0] == "child" and engine.calls[1][2] == 5
+    assert all(t.completion_tokens <= 5 for t in solve.threads if t.role == "child")
+    assert len(engine.calls) == 2 and solve.failure == "budget_exhausted"
+
+
+def test_no_spawn_is_run_once_the_total_budget_is_spent(corpus):
+    r = spawning(corpus)
+    unlimited, spent, _ = first_spawn(corpus, r)
+    parent = unlimited.threads[0]
+    engine = Limits(corpus)
+    solve = run(solve_apr(engine, r["nums"], r["target"], Budgets(
+        context=1 << 20, total_tokens=parent.prompt_tokens + parent.completion_tokens)))
+    assert solve.threads[0].text == parent.text  # the parent wrote its spawn block in full
+    assert engine.calls == [("parent", 1, parent.completion_tokens)]
+    assert solve.children == 0 and solve.failure == "budget_exhausted"
+
+
+def test_a_parent_cut_while_writing_out_its_path_claims_nothing(corpus):
+    r = next(r for r in corpus if r["kind"] == "apr" and r["solved"] and r["children"])
+    unlimited = run(solve_apr(OracleEngine(corpus), r["nums"], r["target"], UNLIMITED))
+    last = unlimited.threads[-1]
+    goal = last.text.index("Goal Reached\n") + len("Goal Reached\nMoving to Node #0\n")
+    budget = unlimited.tokens_total - last.completion_tokens + count_tokens(last.text[:goal])
+    solve = run(solve_apr(OracleEngine(corpus), r["nums"], r["target"],
+                          Budgets(context=1 << 20, total_tokens=budget)))
+    assert solve.threads[-1].finish_reason == LENGTH
+    assert solve.threads[-1].text == last.text[:goal]
+    assert solve.failure == "budget_exhausted" and solve.solution is None
 
 
 class Scripted:

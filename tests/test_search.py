@@ -60,6 +60,7 @@ def goal_indices(events):
 
 
 # --- solved traces verify; unsolved ones end exhausted -------------------------------------
+@pytest.mark.slow
 def test_apr_solved_traces_verify_and_unsolved_end_exhausted(apr_corpus):
     solved = 0
     for item in apr_corpus:
@@ -81,6 +82,7 @@ def test_apr_solved_traces_verify_and_unsolved_end_exhausted(apr_corpus):
     assert 0.3 * len(apr_corpus) < solved < len(apr_corpus)
 
 
+@pytest.mark.slow
 def test_sos_solved_traces_verify_and_unsolved_end_exhausted(sos_corpus):
     solved = 0
     for item in sos_corpus:
@@ -98,6 +100,7 @@ def test_sos_solved_traces_verify_and_unsolved_end_exhausted(sos_corpus):
     assert 0.3 * len(sos_corpus) < solved < len(sos_corpus)
 
 
+@pytest.mark.slow
 def test_sos_trace_starts_at_the_root_state(sos_corpus):
     for item in sos_corpus[:500]:
         p, first = item.problem, item.trace.events[0]
@@ -105,12 +108,14 @@ def test_sos_trace_starts_at_the_root_state(sos_corpus):
 
 
 # --- APR structure --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_apr_parent_starts_at_the_root(apr_corpus):
     for item in apr_corpus:
         p, c = item.problem, item.trace.context
         assert typed(c[:2]) == typed([Move(ROOT_ID), State(p.target, p.nums, ())])
 
 
+@pytest.mark.slow
 def test_child_prompts_name_a_node_the_parent_generated(apr_corpus):
     children = 0
     for item in apr_corpus:
@@ -153,6 +158,7 @@ def test_spawn_blocks_list_exactly_the_children(apr_corpus):
                 + [SpawnEnd()])
 
 
+@pytest.mark.slow
 def test_join_blocks_agree_with_their_children(apr_corpus):
     for item in apr_corpus:
         t, target = item.trace, item.problem.target
@@ -179,6 +185,7 @@ def test_join_blocks_agree_with_their_children(apr_corpus):
             assert pos == len(join) - 1
 
 
+@pytest.mark.slow
 def test_apr_stops_at_the_first_successful_child_and_children_do_not_spawn(apr_corpus):
     for item in apr_corpus:
         t = item.trace
@@ -319,6 +326,7 @@ def replay(events, target, name, beam, stats=None):
     assert not in_path
 
 
+@pytest.mark.slow
 def test_replay_every_thread(apr_corpus, sos_corpus):
     stats = {"expansions": 0, "best_first": 0}
     for item in apr_corpus:
@@ -345,6 +353,7 @@ def test_replay_rejects_an_inconsistent_thread(apr_corpus):
         replay(events, p.target, params.heuristic, params.beam_size)
 
 
+@pytest.mark.slow
 def test_sos_dives_are_nested_and_closed(sos_corpus):
     dived = 0
     for item in sos_corpus:
@@ -433,6 +442,7 @@ def test_heuristics():
 
 
 # --- solve rates with the paper's parameter draws -------------------------------------------
+@pytest.mark.slow
 def test_solve_rates_match_the_reference():
     apr_config, sos_config = AprSolverConfig(), SosSolverConfig()
     apr_solved, children, sos_solved = [], [], []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -17,11 +18,13 @@ from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from apr.decode.engine import EngineError
+from apr.countdown.threads import CHILD, PARENT
+from apr.decode.engine import STOP, Completion, EngineError
 from apr.decode.oracle import OracleEngine
 from apr.ports import free_port
-from apr.serve.app import ServerLimits, create_app
-from apr.serve.metrics import ALL
+from apr.serve.app import create_app
+from apr.serve.metrics import ALL, ENGINE_CALL_DURATION, Metrics
+from apr.serve.protocol import ServerLimits
 from tests.test_runtime import records
 
 
@@ -54,6 +57,72 @@ def test_a_solve_returns_a_verified_solution_and_its_costs(corpus, solved):
     assert "apr_children_per_request_count 1.0" in metrics
     for name in ALL:
         assert name in metrics, name
+
+
+class Recording:
+    """Passes calls through and keeps each call's prompts."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    async def generate(self, prompts, sampling):
+        self.calls.append(list(prompts))
+        return await self.inner.generate(prompts, sampling)
+
+    async def ready(self):
+        return True
+
+    async def close(self):
+        pass
+
+
+def test_engine_call_durations_are_labelled_with_the_role_the_runtime_decodes(corpus, solved):
+    engine, metrics = Recording(OracleEngine(corpus)), Metrics()
+    client = client_for(engine, metrics=metrics)
+    answer = client.post("/v1/solve", json={"nums": solved["nums"], "target": solved["target"],
+                                            "trace": True})
+    assert answer.status_code == 200, answer.text
+    # The calls' roles, told apart by their prompts (a parent segment's prompt is a parent's):
+    roles = {t["prompt"]: t["role"] for t in answer.json()["trace"]}
+    called = [{roles[p] for p in prompts} for prompts in engine.calls]
+    assert all(len(r) == 1 for r in called), called  # no call mixes roles
+    parents = sum(r == {PARENT} for r in called)
+    children = sum(r == {CHILD} for r in called)
+    assert parents >= 2 and children >= 1 and parents + children == len(engine.calls)
+    count = f"{ENGINE_CALL_DURATION}_count"
+    assert metrics.registry.get_sample_value(count, {"role": PARENT}) == parents
+    assert metrics.registry.get_sample_value(count, {"role": CHILD}) == children
+    text = client.get("/metrics").text
+    assert f'{count}{{role="parent"}} {float(parents)}' in text
+    assert f'{count}{{role="child"}} {float(children)}' in text
+
+
+class Broken:
+    """An engine with a bug: every call raises something that is not an EngineError."""
+
+    async def generate(self, prompts, sampling):
+        raise KeyError("http://10.0.0.7:30000/generate: slot 7")
+
+    async def ready(self):
+        return True
+
+    async def close(self):
+        pass
+
+
+def test_a_handler_failure_is_a_clean_500_with_its_traceback_logged(caplog):
+    client = client_for(Broken())
+    with caplog.at_level(logging.ERROR, logger="apr.serve.app"):
+        answer = client.post("/v1/solve", json={"nums": [1, 2], "target": 3})
+    assert answer.status_code == 500
+    assert answer.json() == {"error": "internal error", "kind": "internal"}
+    assert "KeyError" not in answer.text and "10.0.0.7" not in answer.text
+    (record,) = [r for r in caplog.records if r.name == "apr.serve.app"]
+    assert record.levelno == logging.ERROR and record.exc_info is not None
+    assert "/v1/solve" in record.getMessage()
+    assert "Traceback" in caplog.text and "KeyError" in caplog.text and "slot 7" in caplog.text
+    assert 'apr_errors_total{kind="internal"} 1.0' in client.get("/metrics").text
+    assert client.get("/healthz").status_code == 200  # and the server lives on
 
 
 @pytest.mark.parametrize("body, field", [
@@ -93,12 +162,12 @@ def test_bearer_token_is_required_when_configured(corpus, solved):
 class Flaky:
     """An engine that can be switched off and on, like an SGLang container restarting."""
 
-    def __init__(self, inner):
-        self.inner, self.up = inner, True
+    def __init__(self, inner, reason="connection refused"):
+        self.inner, self.up, self.reason = inner, True, reason
 
     async def generate(self, prompts, sampling):
         if not self.up:
-            raise EngineError("connection refused")
+            raise EngineError(self.reason)
         return await self.inner.generate(prompts, sampling)
 
     async def ready(self):
@@ -122,6 +191,23 @@ def test_an_engine_outage_gives_503_and_the_server_recovers(corpus, solved):
     assert client.get("/readyz").status_code == 200
     assert client.post("/v1/solve", json=body).status_code == 200
     assert 'apr_errors_total{kind="engine_unavailable"} 1.0' in client.get("/metrics").text
+
+
+def test_an_engine_outage_is_logged_with_its_reason_and_not_told_to_the_client(corpus, solved,
+                                                                             caplog):
+    reason = "http://10.0.0.7:30000/generate unreachable: ConnectError('refused')"
+    engine = Flaky(OracleEngine(corpus), reason)
+    engine.up = False
+    client = client_for(engine)
+    with caplog.at_level(logging.WARNING, logger="apr.serve.app"):
+        answer = client.post("/v1/solve", json={"nums": solved["nums"], "target": solved["target"]})
+        assert client.get("/readyz").status_code == 503
+    assert answer.status_code == 503 and answer.json()["kind"] == "engine_unavailable"
+    assert "10.0.0.7" not in answer.text and "ConnectError" not in answer.text
+    warnings = [r.getMessage() for r in caplog.records
+                if r.name == "apr.serve.app" and r.levelno == logging.WARNING]
+    assert any(reason in m and "503" in m for m in warnings), warnings
+    assert any("readyz" in m for m in warnings), warnings
 
 
 class Slow:
@@ -159,15 +245,30 @@ BODIES = st.one_of(
 
 @settings(max_examples=150, deadline=None)
 @given(body=BODIES)
+@pytest.mark.slow
 def test_fuzzed_bodies_never_get_a_5xx(body):
     answer = _fuzz_client().post("/v1/solve", json=body)
     assert answer.status_code < 500, (body, answer.text)
 
 
+class GivesUp:
+    """Answers every prompt with a search that finds nothing: any valid problem is solvable
+    by the server, so only a client error or a server fault can fail the fuzzing below (the
+    oracle knows few problems and would answer the rest with an outage's 503)."""
+
+    async def generate(self, prompts, sampling):
+        return [Completion("No solution found.\n", STOP, None, 8, 4) for _ in prompts]
+
+    async def ready(self):
+        return True
+
+    async def close(self):
+        pass
+
+
 @lru_cache(maxsize=1)
 def _fuzz_client() -> TestClient:
-    return client_for(OracleEngine(records(10, seed=6)), limits=ServerLimits(max_tokens=512,
-                                                                           max_number=99))
+    return client_for(GivesUp(), limits=ServerLimits(max_tokens=512, max_number=99))
 
 
 # --- a real Prometheus scrapes the server --------------------------------------------------

@@ -53,6 +53,7 @@ def losses(run_dir: Path) -> list[float]:
     return [x["loss"] for x in lines if "loss" in x]
 
 
+@pytest.mark.slow
 def test_loss_falls_when_overfitting_a_few_traces(dataset, tmp_path):
     result = sft.run(tiny(max_steps=25, eval_every=25), dataset, tmp_path / "run", progress=False)
     curve = losses(tmp_path / "run")
@@ -62,6 +63,7 @@ def test_loss_falls_when_overfitting_a_few_traces(dataset, tmp_path):
 
 
 @pytest.mark.parametrize("packing", [False, True], ids=["buckets", "packed"])
+@pytest.mark.slow
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(dataset, tmp_path, monkeypatch,
                                                               packing):
     config = tiny(max_steps=6, checkpoint_every=3, packing=packing)
@@ -272,6 +274,7 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_torchrun_ddp_matches_one_process_with_the_same_global_batch(dataset, tmp_path):
     """Two gloo processes with one micro-batch each take the same steps as one process
     accumulating two micro-batches."""

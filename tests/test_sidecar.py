@@ -47,6 +47,7 @@ def _pid_in(path) -> int:
     return int(path.read_text())
 
 
+@pytest.mark.slow
 def test_a_server_that_never_answers_fails_with_its_log(tmp_path):
     sidecar = RolloutServer(tmp_path, tmp_path / "server.log", kind=ENGINE_SERVE, startup_timeout_s=1.5)
     sidecar.command = [sys.executable, "-c", f"import os, time; open({str(tmp_path / 'pid')!r}, "
@@ -94,6 +95,7 @@ def _row(prompt: str, token_ids: tuple[int, ...]) -> tuple[torch.Tensor, int]:
     return torch.tensor([prompt_ids + list(token_ids)]), len(prompt_ids)
 
 
+@pytest.mark.slow
 def test_after_a_weight_update_the_server_scores_text_as_the_trainer(model_dir, tmp_path):
     trainer = Trainer(model_dir, GRPOConfig(kl_beta=0.0))
     with torch.no_grad():  # new weights the server has never seen

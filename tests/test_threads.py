@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from apr.countdown.search import PROMPT_EVENTS
 from apr.countdown.threads import (
     CHILD,
@@ -73,6 +75,7 @@ def check_apr_threads(trace, budget=None):
     return threads
 
 
+@pytest.mark.slow
 def test_apr_threads(apr_corpus):
     spawned = 0
     for item in apr_corpus:
@@ -81,6 +84,7 @@ def test_apr_threads(apr_corpus):
     assert spawned > 500
 
 
+@pytest.mark.slow
 def test_the_budget_prefix_opens_parent_prompts_only(apr_corpus):
     for item in apr_corpus[:600]:
         budget = Budget(SUB_CALL_BUDGET, item.trace.children)

@@ -34,6 +34,7 @@ def texts(small_apr_corpus, small_sos_corpus):
     return out
 
 
+@pytest.mark.slow
 def test_decode_encode_round_trip(tok, texts):
     bos = tok.token_to_id(tk.BOS)
     for text in texts:
@@ -43,6 +44,7 @@ def test_decode_encode_round_trip(tok, texts):
         assert tk.UNK not in tok.encode(text).tokens
 
 
+@pytest.mark.slow
 def test_prompt_and_text_tokenize_independently(tok, small_apr_corpus):
     for item in small_apr_corpus:
         for t in apr_threads(item.trace):
@@ -51,6 +53,7 @@ def test_prompt_and_text_tokenize_independently(tok, small_apr_corpus):
             assert joint == tok.encode(t.prompt).ids + text_ids
 
 
+@pytest.mark.slow
 def test_count_tokens_is_exact_on_traces(tok, texts, small_apr_corpus):
     for text in texts:
         assert tk.count_tokens(text) == len(tok.encode(text, add_special_tokens=False).ids)
@@ -103,6 +106,7 @@ def test_build_is_deterministic():
     assert tk.build().to_str() == tk.build().to_str()
 
 
+@pytest.mark.slow
 def test_saved_tokenizer_loads_in_transformers(tmp_path, tok, texts):
     transformers = pytest.importorskip("transformers")
     directory = tk.save(tmp_path / "tok")

@@ -117,6 +117,7 @@ def assert_written_as_rendered(lines, events):
     assert trace.render_lines(events) == lines
 
 
+@pytest.mark.slow
 def test_apr_traces_round_trip(apr_corpus):
     for item in apr_corpus[:1000]:
         t = item.trace
@@ -133,6 +134,7 @@ def test_apr_traces_round_trip(apr_corpus):
                 assert_written_as_rendered(child.lines, child.events)
 
 
+@pytest.mark.slow
 def test_sos_traces_round_trip(sos_corpus):
     for item in sos_corpus[:1000]:
         assert_round_trip(item.trace.events)

@@ -2,12 +2,14 @@
 
 It lets the sidecar topology (a separate process, HTTP, weight reloads from disk) run on any
 machine, and the `sglang` client is tested against it. Wire names come from
-`apr.decode.sglang`; this module only translates.
+`apr.decode.sglang`; this module only translates. A failure is a 500 with a clean body and
+its traceback in the log.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import replace
 from typing import Any
@@ -30,6 +32,8 @@ from apr.decode.sglang import (
     UPDATE_WEIGHTS_FROM_DISK,
     completion_json,
 )
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's default, kept so clients see the same behaviour
 
@@ -63,6 +67,15 @@ def create_app(engine: Engine, model_path: str, served_name: str = "apr") -> Fas
     app = FastAPI(title="apr engine (SGLang-compatible subset)")
     state = {"paused": False, "resumed": asyncio.Event(), "model_path": model_path}
     state["resumed"].set()
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        try:
+            return await call_next(request)
+        except Exception:  # noqa: BLE001 - the server must outlive any request
+            # The traceback goes to the log, never to the client (no type names, no paths).
+            log.exception("%s %s failed", request.method, request.url.path)
+            return JSONResponse({"error": "internal error", "kind": "internal"}, status_code=500)
 
     @app.post(GENERATE)
     async def generate(request: Request):
@@ -134,9 +147,12 @@ def create_app(engine: Engine, model_path: str, served_name: str = "apr") -> Fas
             await asyncio.get_running_loop().run_in_executor(
                 None, load, body["model_path"], body.get("weight_version"))
         except (OSError, RuntimeError, ValueError) as e:
+            log.warning("weight update from %s failed: %s", body["model_path"], e)
             return JSONResponse({"success": False, "message": str(e), "num_paused_requests": 0},
                                 status_code=400)
         state["model_path"] = body["model_path"]
+        log.info("loaded weights from %s (version %s)", body["model_path"],
+                 body.get("weight_version"))
         return {"success": True, "message": "Succeeded to update model weights.",
                 "num_paused_requests": 0}
 
@@ -151,4 +167,7 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 30000, device: st
 
     engine = LocalEngine(model_dir, device=device, max_batch=max_batch, batching=batching)
     engine.weight_version = weight_version
-    uvicorn.run(create_app(engine, model_dir), host=host, port=port, log_level="warning")
+    # Uvicorn configures no logging of its own: its loggers reach the handlers and level the
+    # caller (`apr --log-level`) set.
+    uvicorn.run(create_app(engine, model_dir), host=host, port=port, log_config=None,
+                log_level=None)

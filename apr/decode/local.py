@@ -50,7 +50,7 @@ class _Request:
 
 class LocalEngine:
     def __init__(self, model_dir: str | Path, device: str = "auto", max_batch: int = 64,
-                 dtype: str = "auto", batching: str = "auto", cpu_threads: int = 1):
+                 dtype: str = "auto", batching: str = "auto", cpu_threads: int = 0):
         import torch
         from transformers import AutoTokenizer
 
@@ -59,8 +59,9 @@ class LocalEngine:
         self.device = torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         if self.device.type == "cpu" and cpu_threads:
-            # A decode step of a small model is little work: extra OpenMP threads mostly spin,
-            # and on a busy 2-core machine they slowed decoding by more than 10x.
+            # Process-wide, so only when asked (a server sharing its cores with a trainer):
+            # on an idle 2-core machine all threads decode 1.02-1.14x as fast as one
+            # (bench/engine_threads.py), so evaluation keeps torch's own thread count.
             torch.set_num_threads(cpu_threads)
         torch_dtype = {"auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32,
                        "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]

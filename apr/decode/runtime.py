@@ -66,7 +66,9 @@ class Budgets:
 
     context: int = 4096  # tokens any one thread may hold (prompt + generated)
     children_per_spawn: int = 0  # children beyond this are not run and join as "No Solution"
-    total_tokens: int = 0  # once spent, no more spawns are run and the parent is cut
+    # Every token in any context (Solve.tokens_total); a child may write at most what is
+    # left, and once it is spent no more spawns are run and the parent is cut.
+    total_tokens: int = 0
     sub_call_budget: int = 0  # APR: condition the parent on `Sub Call Budget: N `
     token_budget: int = 0  # SoS+: condition on `Token Budget: N `
 
@@ -138,18 +140,24 @@ def prompt_length(prompt: str) -> int:
     return count_tokens(prompt) + 1  # BOS
 
 
-def _finish(solve: Solve, text: str, finish_reason: str = STOP) -> Solve:
-    """Verify the final parent text: the solution path must replay over the problem's numbers."""
+def _finish(solve: Solve, text: str, finish_reason: str = STOP,
+            cut: str = "context_exhausted") -> Solve:
+    """Verify the final parent text: the solution path must replay over the problem's numbers.
+    `cut`: which limit ended the parent's last call if it ran out of tokens (see `_room`).
+    A parent cut while writing out its path has claimed nothing: it fails with `cut` too."""
     parsed = parse(text)
     path = solution_path(parsed.events)
     if path is None:
         if finish_reason == LENGTH:
-            solve.failure = "context_exhausted"
+            solve.failure = cut
         else:
             solve.failure = "malformed_output" if parsed.failure else "no_solution"
         return solve
-    solve.solution = [op.text for op in path]
     verdict = verify(solve.nums, solve.target, path)
+    if finish_reason == LENGTH and not verdict.ok:
+        solve.failure = cut
+        return solve
+    solve.solution = [op.text for op in path]
     solve.correct = verdict.ok
     solve.failure = None if verdict.ok else "wrong_solution:" + verdict.reason.split(":")[0]
     return solve
@@ -224,9 +232,9 @@ async def solve_apr(engine: Engine, nums: Sequence[int], target: int,
     solve.tokens_total = prompt_length(context)
     spawn = 0
     while True:
-        room, exhausted = _room(budgets, prompt_length(context), solve.tokens_total)
-        if exhausted:  # the parent cannot write another token: no answer to verify
-            solve.failure = exhausted
+        room, limit = _room(budgets, prompt_length(context), solve.tokens_total)
+        if room <= 0:  # the parent cannot write another token: no answer to verify
+            solve.failure = limit
             return _timed(solve, started)
         (out,) = await _generate(engine, PARENT, [context],
                                  Sampling(room, temperature, stop=(SPAWN_END,), logprobs=logprobs))
@@ -234,7 +242,7 @@ async def solve_apr(engine: Engine, nums: Sequence[int], target: int,
         _account(solve, out.prompt_tokens, out.completion_tokens, sequential=True)
         solve.threads.append(ThreadRun.of(PARENT, context, out, spawn))
         if out.matched != SPAWN_END:
-            return _timed(_finish(solve, context + out.text, out.finish_reason), started)
+            return _timed(_finish(solve, context + out.text, out.finish_reason, limit), started)
         text = out.text if out.text.endswith("\n") else out.text + "\n"
         try:
             children = spawned_children(context + text)
@@ -246,9 +254,21 @@ async def solve_apr(engine: Engine, nums: Sequence[int], target: int,
         prompts = [render([Move(children[k][1]), children[k][2]]) for k in runnable]
         paths: dict[int, list[Event] | None] = {}
         if prompts:
-            rooms = [budgets.context - prompt_length(p) for p in prompts]
+            # The children decode in one call with one limit: the smallest room any of them
+            # has, capped by what the total budget leaves once their prompts are written.
+            # Together they may overrun it; the parent is then cut when it resumes. So a run
+            # under budget T follows the unlimited run until that passes T (the evaluation's
+            # accuracy_at_total_tokens curve counts on this).
+            room = max(1, min(budgets.context - prompt_length(p) for p in prompts))
+            if budgets.total_tokens:
+                left = (budgets.total_tokens - solve.tokens_total
+                        - sum(prompt_length(p) - 1 for p in prompts))
+                if left <= 0:  # spent: this spawn is not run and the parent is cut
+                    solve.failure = "budget_exhausted"
+                    return _timed(solve, started)
+                room = min(room, left)
             outs = await _generate(engine, CHILD, prompts,
-                                   Sampling(max(1, min(rooms)), temperature, logprobs=logprobs))
+                                   Sampling(room, temperature, logprobs=logprobs))
             solve.engine_calls += 1
             solve.tokens_sequential += max(o.completion_tokens for o in outs)
             for k, prompt, out_k in zip(runnable, prompts, outs):
@@ -274,15 +294,14 @@ async def solve_apr(engine: Engine, nums: Sequence[int], target: int,
     return _timed(_finish(solve, context), started)
 
 
-def _room(budgets: Budgets, prompt_tokens: int, spent: int) -> tuple[int, str | None]:
-    """New tokens the next call may write, and why none can when that is 0: the thread's
-    context window is full ("context_exhausted") or the solve's total-token budget is spent
-    ("budget_exhausted")."""
+def _room(budgets: Budgets, prompt_tokens: int, spent: int) -> tuple[int, str]:
+    """New tokens the parent's next call may write, and the limit that sets it, which is the
+    failure when the parent runs out: the thread's context window ("context_exhausted") or
+    the solve's total-token budget ("budget_exhausted")."""
     room = budgets.context - prompt_tokens
     if budgets.total_tokens and budgets.total_tokens - spent < room:
-        room = budgets.total_tokens - spent
-        return room, "budget_exhausted" if room <= 0 else None
-    return room, "context_exhausted" if room <= 0 else None
+        return budgets.total_tokens - spent, "budget_exhausted"
+    return room, "context_exhausted"
 
 
 def _account(solve: Solve, prompt_tokens: int, completion_tokens: int, sequential: bool) -> None:
@@ -311,9 +330,9 @@ async def solve_sos(engine: Engine, nums: Sequence[int], target: int,
     started = time.perf_counter()
     solve = Solve(SOS, tuple(nums), target)
     prompt = sos_prompt(nums, target, budgets)
-    room, exhausted = _room(budgets, prompt_length(prompt), prompt_length(prompt))
-    if exhausted:
-        solve.failure = exhausted
+    room, limit = _room(budgets, prompt_length(prompt), prompt_length(prompt))
+    if room <= 0:
+        solve.failure = limit
         return _timed(solve, started)
     (out,) = await _generate(engine, PARENT, [prompt],
                              Sampling(room, temperature, logprobs=logprobs))
@@ -321,7 +340,7 @@ async def solve_sos(engine: Engine, nums: Sequence[int], target: int,
     solve.tokens_total = out.prompt_tokens
     _account(solve, out.prompt_tokens, out.completion_tokens, sequential=True)
     solve.threads.append(ThreadRun.of(PARENT, prompt, out))
-    return _timed(_finish(solve, prompt + out.text, out.finish_reason), started)
+    return _timed(_finish(solve, prompt + out.text, out.finish_reason, limit), started)
 
 
 # --- several samples of one problem -----------------------------------------------------

@@ -6,22 +6,37 @@ from __future__ import annotations
 import logging
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from apr.rl.losses import grpo_loss, token_logprobs
 
-if TYPE_CHECKING:
-    from apr.stages.grpo import GRPOConfig
-
 log = logging.getLogger(__name__)
+
+
+class TrainerSettings(Protocol):
+    """What the trainer reads of its config (the GRPO stage's `GRPOConfig` has all of it)."""
+
+    lr: float
+    warmup_steps: int
+    weight_decay: float
+    dtype: str  # auto, bf16 or fp32
+    clip: float
+    kl_beta: float
+    temperature: float
+    inner_steps: int
+    grad_clip: float
+    loss_average: str  # token or rollout
+    tokens_per_batch: int
+    pad_multiple: int
+    seed: int
 
 
 class Trainer:
     """Policy, frozen reference and optimizer, and one GRPO update over a batch of rows."""
 
-    def __init__(self, model_dir: Path, config: GRPOConfig):
+    def __init__(self, model_dir: Path, config: TrainerSettings):
         import torch
 
         from apr import model as model_lib

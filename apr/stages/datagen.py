@@ -20,14 +20,14 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from tqdm import tqdm
 
 from apr import atomic, tokenizer
-from apr.config import InputError, check, check_choice, check_range, dump
+from apr.config import InputError, check, check_choice, check_range, dump, option
 from apr.countdown.problems import SPLITS, Problem, ProblemSpace, candidates
 from apr.countdown.search import HEURISTICS, SearchParams, apr_search, sos_search
 from apr.countdown.threads import apr_threads, final_text, sos_threads
@@ -42,15 +42,15 @@ COMPRESSIONS = ("none", "gzip")
 class ProblemsConfig:
     """Countdown problems (paper: 4 numbers in 1..99, targets 10..100, 500k train, 1k val)."""
 
-    n_numbers: int = 4
-    num_min: int = 1
-    num_max: int = 99
-    target_min: int = 10
-    target_max: int = 100
-    train_size: int = 500_000
-    val_size: int = 1_000
-    test_size: int = 1_000
-    seed: int = 0
+    n_numbers: int = option(4, "numbers in each problem (paper: 4), from 2 to 6")
+    num_min: int = option(1, "smallest number drawn (paper: 1)")
+    num_max: int = option(99, "largest number drawn (paper: 99)")
+    target_min: int = option(10, "smallest target (paper: 10)")
+    target_max: int = option(100, "largest target (paper: 100)")
+    train_size: int = option(500_000, "training problems (paper: 500k)")
+    val_size: int = option(1_000, "validation problems (paper: 1k)")
+    test_size: int = option(1_000, "test problems, kept apart from train and val")
+    seed: int = option(0, "seed of the problem draw: the same seed gives the same problems")
 
     def validate(self) -> None:
         check_range("n_numbers", self.n_numbers, 2, 6)
@@ -75,13 +75,15 @@ class ProblemsConfig:
 class AprSolverConfig:
     """APR data (paper: beam 1..10, child beam beam..15, promising 0.9, mult heuristic)."""
 
-    beam_min: int = 1
-    beam_max: int = 10
-    sub_beam_max: int = 15  # a child's beam is drawn from beam..sub_beam_max
-    promising_threshold: float = 0.9
-    heuristic: str = "mult"
-    # Start parent prompts with `Sub Call Budget: N `, N = the trace's child count (paper §4.3).
-    budget_prefix: bool = False
+    beam_min: int = option(1, "smallest beam width drawn per problem (paper: 1)")
+    beam_max: int = option(10, "largest beam width drawn per problem (paper: 10)")
+    sub_beam_max: int = option(15, "a child's beam is drawn from beam..sub_beam_max (paper: 15)")
+    promising_threshold: float = option(
+        0.9, "chance that an expansion of the parent spawns children for its nodes (paper: 0.9)")
+    heuristic: str = option("mult", "search heuristic: mult (the paper's) or sum")
+    budget_prefix: bool = option(
+        False, "start parent prompts with `Sub Call Budget: N `, N = the trace's child count "
+        "(paper §4.3)")
 
     def validate(self) -> None:
         check_range("beam_min", self.beam_min, 1)
@@ -101,12 +103,13 @@ class AprSolverConfig:
 class SosSolverConfig:
     """SoS+ data (paper's code: beam 1..5, promising 0.5, mult heuristic)."""
 
-    beam_min: int = 1
-    beam_max: int = 5
-    promising_threshold: float = 0.5
-    heuristic: str = "mult"
-    # Start prompts with `Token Budget: N `, N = the trace's tokens rounded up to 512.
-    budget_prefix: bool = False
+    beam_min: int = option(1, "smallest beam width drawn per problem (paper's code: 1)")
+    beam_max: int = option(5, "largest beam width drawn per problem (paper's code: 5)")
+    promising_threshold: float = option(
+        0.5, "chance that an expansion dives depth-first into its nodes (paper's code: 0.5)")
+    heuristic: str = option("mult", "search heuristic: mult (the paper's) or sum")
+    budget_prefix: bool = option(
+        False, "start prompts with `Token Budget: N `, N = the trace's tokens rounded up to 512")
 
     def validate(self) -> None:
         check_range("beam_min", self.beam_min, 1)
@@ -121,14 +124,17 @@ class SosSolverConfig:
 
 @dataclass
 class DatagenConfig:
-    problems: ProblemsConfig = field(default_factory=ProblemsConfig)
-    apr: AprSolverConfig = field(default_factory=AprSolverConfig)
-    sos: SosSolverConfig = field(default_factory=SosSolverConfig)
-    workers: int = 0  # worker processes; 0 = every core
-    shard_size: int = 50_000  # problems per trace shard
-    chunk_size: int = 250  # problems per unit of work (shards are cut on chunk boundaries)
-    compression: str = "none"  # trace shards: "none" (.jsonl) or "gzip" (.jsonl.gz)
-    token_stats_sample: int = 20_000  # token lengths for stats are measured on this many problems
+    problems: ProblemsConfig = option(factory=ProblemsConfig, doc="the Countdown problems drawn")
+    apr: AprSolverConfig = option(factory=AprSolverConfig,
+                                  doc="the solver that writes APR traces (parent and children)")
+    sos: SosSolverConfig = option(factory=SosSolverConfig,
+                                  doc="the solver that writes SoS+ traces (one serial thread)")
+    workers: int = option(0, "worker processes; 0 = every core (the output does not depend on it)")
+    shard_size: int = option(50_000, "problems per trace shard; a multiple of chunk_size")
+    chunk_size: int = option(250, "problems per unit of work (shards are cut on chunk boundaries)")
+    compression: str = option("none", 'trace shards: "none" (.jsonl) or "gzip" (.jsonl.gz)')
+    token_stats_sample: int = option(
+        20_000, "token lengths for stats are measured on about this many problems (0: none)")
 
     def validate(self) -> None:
         check_range("workers", self.workers, 0)

@@ -15,11 +15,12 @@ import json
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from apr import atomic
-from apr.config import InputError, check, check_choice, check_range, dump
+from apr.config import InputError, check, check_choice, check_range, dump, option
 from apr.countdown.threads import APR, SOS, STYLES
 from apr.dataset import load_problems
 from apr.decode.runtime import Budgets, Vote, sample
@@ -31,19 +32,27 @@ ENGINES = ("local", "sglang", "oracle")  # sglang: SGLang or `apr engine serve` 
 
 @dataclass
 class EvalConfig:
-    engine: str = "local"  # local (in process), sglang (HTTP at engine_url), oracle
-    engine_url: str = ""
-    split: str = "val"
-    max_problems: int = 1000
-    context: int = 4096  # the thread context window the model decodes in
-    apr_budgets: list[int] = field(default_factory=lambda: [0])  # 0: no `Sub Call Budget` prefix
-    sos_samples: list[int] = field(default_factory=lambda: [1])  # N of best-of-N / majority
-    sos_token_budget: int = 0  # condition SoS+ on `Token Budget: N ` (0: no prefix)
-    temperature: float = 0.0  # for single samples; several samples use sample_temperature
-    sample_temperature: float = 1.0
-    context_limits: list[int] = field(default_factory=lambda: [512, 1024, 1536, 2048, 3072, 4096])
-    concurrency: int = 64  # problems decoded at once (they share engine batches)
-    modes: list[str] = field(default_factory=lambda: [APR, SOS])
+    engine: str = option("local", "local (in process), sglang (HTTP at engine_url), oracle")
+    engine_url: str = option("", "the server's URL for engine sglang, e.g. http://127.0.0.1:30000")
+    split: str = option("val", "the problems' split to evaluate on")
+    max_problems: int = option(1000, "evaluate the first N problems of the split")
+    context: int = option(4096, "the thread context window the model decodes in")
+    total_tokens: int = option(0, "tokens one solve (each sample) may spend in all its contexts, "
+                                  "every setting; once spent the parent is cut (0: no limit)")
+    apr_budgets: list[int] = option(factory=lambda: [0], doc="APR settings: `Sub Call Budget` "
+                                    "prefixes (0: no prefix)")
+    sos_samples: list[int] = option(factory=lambda: [1], doc="SoS+ settings: N of best-of-N "
+                                    "and majority")
+    sos_token_budget: int = option(0, "condition SoS+ on `Token Budget: N ` (0: no prefix)")
+    temperature: float = option(0.0, "for single samples; several samples use "
+                                     "sample_temperature")
+    sample_temperature: float = option(1.0, "for settings with several samples (SoS+ N > 1)")
+    context_limits: list[int] = option(factory=lambda: [512, 1024, 1536, 2048, 3072, 4096],
+                                       doc="context windows C of the accuracy-at-C curve")
+    total_token_limits: list[int] = option(factory=lambda: [1024, 2048, 4096, 8192, 16384],
+                                           doc="total-token budgets T of the accuracy-at-T curve")
+    concurrency: int = option(64, "problems decoded at once (they share engine batches)")
+    modes: list[str] = option(factory=lambda: [APR, SOS], doc="methods to evaluate: apr, sos")
 
     def validate(self) -> None:
         check_choice("engine", self.engine, ENGINES)
@@ -51,6 +60,7 @@ class EvalConfig:
               f"engine {self.engine!r} needs the server's URL, e.g. http://127.0.0.1:30000")
         check_range("max_problems", self.max_problems, 1)
         check_range("context", self.context, 16)
+        check_range("total_tokens", self.total_tokens, 0)
         check_range("concurrency", self.concurrency, 1)
         check(all(b >= 0 for b in self.apr_budgets), "apr_budgets", "budgets must be >= 0")
         check(all(n >= 1 for n in self.sos_samples), "sos_samples", "sample counts must be >= 1")
@@ -58,6 +68,10 @@ class EvalConfig:
               f"a non-empty list of {APR!r} and {SOS!r}")
         check_range("temperature", self.temperature, 0.0)
         check_range("sample_temperature", self.sample_temperature, 0.0)
+        check(all(c >= 1 for c in self.context_limits), "context_limits",
+              "context windows must be >= 1")
+        check(all(t >= 1 for t in self.total_token_limits), "total_token_limits",
+              "total-token budgets must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -83,7 +97,8 @@ def settings(config: EvalConfig) -> list[Setting]:
 
 
 # --- metrics: pure functions of result rows ------------------------------------------------
-def summarize(rows: list[dict], context_limits: list[int]) -> dict:
+def summarize(rows: list[dict], context_limits: Sequence[int],
+              total_token_limits: Sequence[int] = ()) -> dict:
     """Metrics of one setting from its result rows (one row per problem).
 
     A row: correct, majority (SoS+ with N > 1), children, failures (list of kinds), and per
@@ -106,6 +121,14 @@ def summarize(rows: list[dict], context_limits: list[int]) -> dict:
         "accuracy_at_context": {str(c): round(sum(r["correct"] and r["tokens"]["longest_context"] <= c
                                                    for r in rows) / n, 4) if n else 0.0
                                 for c in context_limits},
+        # Likewise a problem whose tokens in all contexts (its samples summed) passed T fails
+        # under a total budget of T. A lower bound, like the context curve: the runtime under
+        # `total_tokens: T` follows the unlimited run until it passes T, so one sample scores
+        # at least this (more only when a cut at T drops nothing but the final EOS), and a
+        # model that knew its budget could plan for it.
+        "accuracy_at_total_tokens": {str(t): round(sum(r["correct"] and r["tokens"]["total"] <= t
+                                                        for r in rows) / n, 4) if n else 0.0
+                                     for t in total_token_limits},
     }
     if any("majority" in r for r in rows):
         out["majority_accuracy"] = round(sum(r.get("majority", False) for r in rows) / n, 4)
@@ -159,7 +182,8 @@ async def evaluate(engine, problems: list[dict], config: EvalConfig, progress: b
                file=sys.stderr, dynamic_ncols=True)
 
     async def one(problem: dict, setting: Setting) -> dict:
-        budgets = Budgets(context=config.context, sub_call_budget=setting.budget,
+        budgets = Budgets(context=config.context, total_tokens=config.total_tokens,
+                          sub_call_budget=setting.budget,
                           token_budget=config.sos_token_budget if setting.mode == SOS else 0)
         temperature = config.temperature if setting.samples == 1 else config.sample_temperature
         async with gate:
@@ -194,8 +218,9 @@ def run(config: EvalConfig, model: str | Path | None, problems: str | Path, out:
     metrics = {
         "engine": config.engine, "model": str(model) if model else None,
         "problems": len(rows_in), "split": config.split, "context": config.context,
-        "seconds": round(seconds, 2),
-        "settings": {name: summarize(rs, config.context_limits) for name, rs in by_setting.items()},
+        "total_tokens": config.total_tokens, "seconds": round(seconds, 2),
+        "settings": {name: summarize(rs, config.context_limits, config.total_token_limits)
+                     for name, rs in by_setting.items()},
     }
     from apr.report import write_plots, write_report
 

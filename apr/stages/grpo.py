@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import sys
 import tempfile
 import time
@@ -32,11 +33,13 @@ from pathlib import Path
 
 import numpy as np
 
-from apr.config import InputError, check, check_choice, check_range, dump
+from apr.config import InputError, check, check_choice, check_range, dump, option
 from apr.countdown.threads import APR, STYLES
 from apr.decode.rollout_server import KINDS
 from apr.rl.losses import group_advantages
 from apr.rl.trainer import Trainer, push_weights
+
+log = logging.getLogger(__name__)
 
 SECTION = "grpo"
 LOSS_AVERAGES = ("token", "rollout")
@@ -51,34 +54,41 @@ class GRPOError(RuntimeError):
 class GRPOConfig:
     """Defaults are the paper's public recipe (its tinyrl configs); presets shorten it."""
 
-    mode: str = "apr"  # rollouts through the APR runtime, or serialized "sos"
-    group_size: int = 5  # rollouts per problem
-    prompts_per_step: int = 64
-    steps: int = 150
-    lr: float = 1e-5
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    clip: float = 0.2  # PPO ratio clip
-    kl_beta: float = 0.001  # weight of the KL to the frozen reference
-    inner_steps: int = 2  # optimizer passes over each batch of rollouts
-    loss_average: str = "token"  # "token" (the paper's recipe) or "rollout" (each rollout equal)
-    temperature: float = 1.0
-    grad_clip: float = 1.0
-    context: int = 4096  # tokens any one thread may hold
-    children_per_spawn: int = 0  # 0: every child the parent asks for
-    tokens_per_batch: int = 65_536  # per training micro-batch, padding included
-    pad_multiple: int = 64
-    val_every: int = 10  # steps between greedy validation accuracies (and at start and end)
-    val_problems: int = 200
-    val_samples: int = 0  # sampled solves per val problem at `temperature`, beside greedy
-    checkpoint_every: int = 10
-    keep_checkpoints: int = 2
-    seed: int = 0
-    dtype: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU
-    sidecar: str = "auto"  # the server this run starts without --engine-url: auto, sglang, engine-serve
-    sidecar_device: str = "auto"
-    sidecar_startup_s: float = 600.0
-    engine_timeout_s: float = 600.0  # one HTTP request to the rollout server
+    mode: str = option("apr", 'rollouts through the APR runtime, or serialized "sos"')
+    group_size: int = option(5, "rollouts per problem, whose rewards are normalised together "
+                             "(paper: 5)")
+    prompts_per_step: int = option(64, "training problems per step (paper: 64)")
+    steps: int = option(150, "GRPO steps (paper: 150)")
+    lr: float = option(1e-5, "AdamW learning rate (paper: 1e-5)")
+    warmup_steps: int = option(0, "steps of linear warmup to `lr`")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    clip: float = option(0.2, "PPO ratio clip (paper: 0.2)")
+    kl_beta: float = option(0.001, "weight of the KL to the frozen SFT model (paper: 0.001)")
+    inner_steps: int = option(2, "optimizer passes over each batch of rollouts")
+    loss_average: str = option("token", '"token" (the paper\'s recipe) or "rollout" '
+                               "(each rollout weighs the same)")
+    temperature: float = option(1.0, "sampling temperature of the rollouts (paper: 1.0)")
+    grad_clip: float = option(1.0, "gradient norm clip")
+    context: int = option(4096, "tokens any one thread may hold (paper: 4096)")
+    children_per_spawn: int = option(0, "children run per spawn (the rest join as No Solution);"
+                                     " 0: every child the parent asks for")
+    tokens_per_batch: int = option(65_536, "tokens per training micro-batch, padding included")
+    pad_multiple: int = option(64, "batch widths are rounded up to this (fewer compiled shapes)")
+    val_every: int = option(10, "steps between greedy validation accuracies (and at start "
+                            "and end)")
+    val_problems: int = option(200, "validation problems (0: no validation)")
+    val_samples: int = option(0, "sampled solves per val problem at `temperature`, beside "
+                              "greedy")
+    checkpoint_every: int = option(10, "steps between checkpoints (and at the end)")
+    keep_checkpoints: int = option(2, "complete checkpoints kept; older ones are deleted")
+    seed: int = option(0, "seed of the problem order and the batch order")
+    dtype: str = option("auto", '"auto": bf16 autocast on CUDA, fp32 on CPU; or bf16, fp32')
+    sidecar: str = option("auto", "the server this run starts without --engine-url: auto, "
+                          "sglang, engine-serve")
+    sidecar_device: str = option("auto", "device of the started server: auto, cpu or cuda")
+    sidecar_startup_s: float = option(600.0, "seconds the rollout server may take to be ready")
+    engine_timeout_s: float = option(600.0, "seconds one HTTP request to the rollout server "
+                                     "may take")
 
     def validate(self) -> None:
         check_choice("mode", self.mode, STYLES)
@@ -240,7 +250,7 @@ async def _run(config, model, problems, out, engine_url, weights_dir, resume, pr
 
 
 def _restore(paths: RunPaths, trainer: Trainer, resume: bool) -> dict:
-    from apr.stages.sft import latest_checkpoint, load_checkpoint, truncate_log
+    from apr.train.checkpoints import latest_checkpoint, load_checkpoint, truncate_log
 
     checkpoints = paths.local / "checkpoints"
     if resume and paths.remote:
@@ -248,9 +258,9 @@ def _restore(paths: RunPaths, trainer: Trainer, resume: bool) -> dict:
     state = {"step": 0, "initial_val_accuracy": None, "val_accuracy": None}
     if resume and (latest := latest_checkpoint(checkpoints)) is not None:
         state = load_checkpoint(latest, trainer.policy, trainer.optimizer, trainer.device)
-        for log in ("metrics.jsonl", "rollouts.jsonl"):
-            truncate_log(paths.local / log, state["step"])
-        print(f"resumed from {latest}", file=sys.stderr)
+        for name in ("metrics.jsonl", "rollouts.jsonl"):
+            truncate_log(paths.local / name, state["step"])
+        log.info("resumed from %s (step %d)", latest, state["step"])
     return state
 
 
@@ -398,8 +408,8 @@ def _checkpoint(paths: RunPaths, trainer: Trainer, state: dict, config: GRPOConf
     publishes to s3://, alternating so that one slot is always complete)."""
     import shutil
 
-    from apr.stages.sft import save_checkpoint
     from apr.storage import upload
+    from apr.train.checkpoints import save_checkpoint
 
     existing = paths.local / "checkpoints" / f"step-{state['step']:07d}"
     if (existing / "trainer.json").is_file():  # this state is saved already (a fault after it)

@@ -12,6 +12,7 @@ from the last complete one with the same batches in the same order.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from apr import model as model_lib
-from apr.config import check, check_choice, check_range, dump
+from apr.config import check, check_choice, check_range, dump, option
 from apr.countdown.threads import STYLES
 from apr.dataset import DataError, check_tokenizer
 from apr.train import distributed
@@ -39,6 +40,8 @@ from apr.train.data import (
     load_sequences,
 )
 
+log = logging.getLogger(__name__)
+
 SECTION = "sft"
 DTYPES = ("auto", "bf16", "fp32")
 
@@ -48,32 +51,36 @@ class SFTConfig:
     """Defaults follow the paper's SFT run (AdamW, peak lr 5e-5 cosine to 5e-7, betas
     0.9/0.999, weight decay 0.01, clip 1.0, 4096-token context); presets shorten it."""
 
-    shape: str = "paper"
-    traces: str = "apr"  # which traces to learn: "apr" or "sos" (the SoS+ baseline)
-    keep: str = "all"  # "all" traces, as the paper, or only "solved" ones
-    context: int = 4096  # longest sequence in tokens; longer threads are dropped and counted
-    tokens_per_batch: int = 65_536  # per micro-batch and process, padding included
-    grad_accum: int = 1  # micro-batches per optimizer step
-    epochs: float = 1.0
-    max_steps: int = 0  # 0: as many steps as `epochs` take
-    lr: float = 5e-5
-    min_lr: float = 5e-7
-    warmup_steps: int = 10
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.999
-    grad_clip: float = 1.0
-    eval_every: int = 200  # steps between validation losses (and at the end)
-    eval_sequences: int = 2000  # validation sequences per evaluation (0: all)
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    pad_multiple: int = 64  # batch widths are rounded up to this (fewer compiled shapes)
-    packing: bool = False  # rows of `context` tokens holding several sequences, not buckets
-    seed: int = 0
-    dtype: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU
-    compile: bool = False  # torch.compile the model
-    peak_tflops: float = 0.0  # the accelerator's measured bf16 peak, for MFU (0: not reported)
+    shape: str = option("paper", "model shape: tiny, small or paper (the paper's Llama-2-shaped "
+                        "228M model)")
+    traces: str = option("apr", 'which traces to learn: "apr" or "sos" (the SoS+ baseline)')
+    keep: str = option("all", '"all" traces, as the paper, or only "solved" ones')
+    context: int = option(4096, "longest sequence in tokens (paper: 4096); longer threads are "
+                          "dropped and counted")
+    tokens_per_batch: int = option(65_536, "tokens per micro-batch and process, padding included")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    epochs: float = option(1.0, "passes over the training threads (paper: 1)")
+    max_steps: int = option(0, "optimizer steps to stop after; 0: as many steps as `epochs` take")
+    lr: float = option(5e-5, "peak learning rate of AdamW (paper: 5e-5)")
+    min_lr: float = option(5e-7, "learning rate at the end of the cosine decay (paper: 5e-7)")
+    warmup_steps: int = option(10, "steps of linear warmup to `lr`")
+    weight_decay: float = option(0.01, "AdamW weight decay of the weight matrices (paper: 0.01)")
+    beta1: float = option(0.9, "AdamW beta1 (paper: 0.9)")
+    beta2: float = option(0.999, "AdamW beta2 (paper: 0.999)")
+    grad_clip: float = option(1.0, "gradient norm clip (paper: 1.0)")
+    eval_every: int = option(200, "steps between validation losses (and at the end)")
+    eval_sequences: int = option(2000, "validation sequences per evaluation (0: all)")
+    checkpoint_every: int = option(500, "steps between checkpoints (and at the end)")
+    keep_checkpoints: int = option(2, "complete checkpoints kept; older ones are deleted")
+    log_every: int = option(10, "steps between training log lines")
+    pad_multiple: int = option(64, "batch widths are rounded up to this (fewer compiled shapes)")
+    packing: bool = option(False, "rows of `context` tokens holding several sequences, "
+                           "not length buckets")
+    seed: int = option(0, "seed of the model's initialisation and the batch order")
+    dtype: str = option("auto", '"auto": bf16 autocast on CUDA, fp32 on CPU; or bf16, fp32')
+    compile: bool = option(False, "torch.compile the model")
+    peak_tflops: float = option(0.0, "the accelerator's measured bf16 peak, for MFU "
+                                "(0: not reported)")
 
     def validate(self) -> None:
         check_choice("shape", self.shape, model_lib.PRESETS)
@@ -241,7 +248,7 @@ def run(config: SFTConfig, data: str | Path, out: str | Path, resume: bool = Fal
         state = load_checkpoint(latest, model, optimizer, device)
         if dist_info.main:
             truncate_log(out / "metrics.jsonl", state["step"])
-            print(f"resumed from {latest}", file=sys.stderr)
+            log.info("resumed from %s (step %d)", latest, state["step"])
     if dist_info.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump(config, SECTION))
@@ -254,7 +261,7 @@ def run(config: SFTConfig, data: str | Path, out: str | Path, resume: bool = Fal
 
     flops = flops_per_token(model, config.context)
     train_targets = train.target_lengths  # once: `lengths` is computed from the offsets
-    log = open(out / "metrics.jsonl", "a") if dist_info.main else None
+    metrics_log = open(out / "metrics.jsonl", "a") if dist_info.main else None
     bar = tqdm(total=total_steps, initial=state["step"], desc="sft", unit="step",
                disable=not (progress and dist_info.main), file=sys.stderr, dynamic_ncols=True)
     def micro_batch(index: int) -> np.ndarray:
@@ -302,15 +309,15 @@ def run(config: SFTConfig, data: str | Path, out: str | Path, resume: bool = Fal
                       "grad_norm": round(float(grad_norm), 4), "tokens_per_s": round(rate, 1)}
             if config.peak_tflops:
                 record["mfu"] = round(rate * flops / (config.peak_tflops * 1e12 * dist_info.world), 4)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+            metrics_log.write(json.dumps(record) + "\n")
+            metrics_log.flush()
             bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{rate:,.0f}")
             started, window_tokens = time.perf_counter(), 0
         if state["step"] % config.eval_every == 0 or last:
             if dist_info.main:
                 val_loss = evaluate(model, val, val_batches, config, device, autocast, pad_id)
-                log.write(json.dumps({"step": state["step"], "val_loss": round(val_loss, 5)}) + "\n")
-                log.flush()
+                metrics_log.write(json.dumps({"step": state["step"], "val_loss": round(val_loss, 5)}) + "\n")
+                metrics_log.flush()
         if dist_info.main and (state["step"] % config.checkpoint_every == 0 or last):
             save_checkpoint(checkpoints, model, optimizer, state, config.keep_checkpoints)
     bar.close()
@@ -322,7 +329,7 @@ def run(config: SFTConfig, data: str | Path, out: str | Path, resume: bool = Fal
                    "train_target_tokens": state["tokens"],
                    "parameters": model_lib.parameter_count(model)}
         (out / "sft.json").write_text(json.dumps(summary, indent=2) + "\n")
-        log.close()
+        metrics_log.close()
     if dist_info.world > 1:
         import torch.distributed as dist
         dist.destroy_process_group()
