@@ -43,8 +43,21 @@ def _clear(path: Path) -> None:
         path.unlink()
 
 
-def _put_in_place(partial: Path, final: Path, replace: bool) -> None:
-    if final.exists() and replace:
+def check_replaceable(final: str | Path, replace: bool | str = False) -> bool:
+    """Whether `final` holds an output to replace (see `partial_dir`); raises FileExistsError
+    when it holds something else. Call it before long work, so a run fails at its start."""
+    final = Path(final)
+    taken = final.exists() and (not final.is_dir() or any(final.iterdir()))
+    if taken and not (replace is True or (isinstance(replace, str) and final.is_dir()
+                                          and (final / replace).exists())):
+        earlier = f" and holds no {replace}, so it is not an earlier output of this command" \
+            if isinstance(replace, str) else ""
+        raise FileExistsError(f"{final} already exists{earlier}: remove it or choose another path")
+    return taken
+
+
+def _put_in_place(partial: Path, final: Path, replace: bool | str) -> None:
+    if check_replaceable(final, replace):
         # Move the old output aside before the new one takes its name, so a crash leaves
         # one of the two under `final`, never neither; then remove the old one.
         old = final.with_name(final.name + ".old")
@@ -53,19 +66,18 @@ def _put_in_place(partial: Path, final: Path, replace: bool) -> None:
         os.replace(partial, final)
         _clear(old)
     else:
-        if final.exists() and (not final.is_dir() or any(final.iterdir())):
-            raise FileExistsError(f"{final} already exists: remove it or choose another path")
         os.replace(partial, final)  # onto nothing, or an empty directory
     _fsync(final.parent)
 
 
 @contextlib.contextmanager
-def partial_dir(final: str | Path, replace: bool = False) -> Iterator[Path]:
+def partial_dir(final: str | Path, replace: bool | str = False) -> Iterator[Path]:
     """Yield an empty `<final>.partial` directory; on success it becomes `final`.
 
-    `replace=True` takes the place of an existing `final` (an earlier output of the same
-    writer); otherwise an existing non-empty `final` is an error. On an exception the
-    partial directory is removed.
+    An existing non-empty `final` is replaced only when `replace` is True, or names a file
+    it holds (the mark of an earlier output of the same writer: a command never deletes
+    what it did not write); otherwise it is an error. On an exception the partial directory
+    is removed.
     """
     final = Path(final)
     partial = partial_path(final)

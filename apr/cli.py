@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--model", help="a model directory (not needed by the oracle or HTTP engines)")
     p.add_argument("--problems", required=True, help="an `apr datagen` output or problems JSONL")
-    p.add_argument("--out", required=True, help="output directory (replaced when complete)")
+    p.add_argument("--out", required=True, help="output directory: new, empty, or an earlier "
+                   "evaluation (replaced once this one is complete)")
     p.set_defaults(run=_evaluate)
 
     p = stages.add_parser("config", help="a stage's config keys: value and meaning")
@@ -242,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = stages.add_parser("pull", help="download a published artifact (checked against its manifest)")
     p.add_argument("--uri", required=True, help="s3://bucket/models/<name>/<version> or a directory")
-    p.add_argument("--out", required=True, help="local directory (replaced when complete)")
+    p.add_argument("--out", required=True, help="local directory: new, empty, or an earlier pull (replaced once complete)")
     p.set_defaults(run=_pull)
 
     p = stages.add_parser("pipeline", help="the Kubeflow pipeline: compile, submit, run locally")

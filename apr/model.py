@@ -100,7 +100,7 @@ def save(model, directory: str | Path) -> Path:
     """Write an HF model directory (safetensors + tokenizer), atomically: temp dir, then rename."""
     _quiet_transformers()
     directory = Path(directory)
-    with atomic.partial_dir(directory, replace=True) as partial:
+    with atomic.partial_dir(directory, replace="config.json") as partial:
         model.save_pretrained(partial, safe_serialization=True)
         domain_tokenizer.save(partial, model_max_length=model.config.max_position_embeddings)
     return directory

@@ -143,7 +143,7 @@ def upload(local: str | Path, uri: str | Path, settings: S3Settings | None = Non
         raise InputError(f"{local} is not a directory")
     manifest = manifest_of(local)
     if not is_remote(uri):
-        with atomic.partial_dir(uri, replace=True) as partial:
+        with atomic.partial_dir(uri, replace=MANIFEST) as partial:
             shutil.copytree(local, partial, ignore=shutil.ignore_patterns(MANIFEST),
                             dirs_exist_ok=True)
             (partial / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -201,8 +201,9 @@ def is_complete(uri: str | Path, settings: S3Settings | None = None) -> bool:
 def download(uri: str | Path, local: str | Path, settings: S3Settings | None = None) -> Path:
     """Fetch a complete artifact into `local` (created whole or not at all), verifying every file."""
     local = Path(local)
+    atomic.check_replaceable(local, MANIFEST)  # an earlier download, or nothing
     manifest = read_manifest(uri, settings)
-    with atomic.partial_dir(local, replace=True) as partial:
+    with atomic.partial_dir(local, replace=MANIFEST) as partial:
         if is_remote(uri):
             settings = settings or S3Settings.from_env()
             client = settings.client()

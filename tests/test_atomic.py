@@ -56,3 +56,18 @@ def test_write_text_replaces_a_file_whole(tmp_path):
     atomic.write_text(path, "a\n")
     atomic.write_text(path, "b\n")
     assert path.read_text() == "b\n" and not atomic.partial_path(path).exists()
+
+
+def test_replace_by_mark_replaces_only_an_earlier_output_of_the_same_writer(tmp_path):
+    earlier, other = tmp_path / "eval", tmp_path / "docs"
+    for directory, name in ((earlier, "metrics.json"), (other, "README.md")):
+        directory.mkdir()
+        (directory / name).write_text("x")
+    with atomic.partial_dir(earlier, replace="metrics.json") as partial:
+        (partial / "metrics.json").write_text("new")
+    assert (earlier / "metrics.json").read_text() == "new"
+    with pytest.raises(FileExistsError, match="holds no metrics.json"):
+        atomic.check_replaceable(other, "metrics.json")
+    with pytest.raises(FileExistsError), atomic.partial_dir(other, replace="metrics.json") as p:
+        (p / "metrics.json").write_text("new")
+    assert sorted(q.name for q in other.iterdir()) == ["README.md"]

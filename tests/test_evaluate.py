@@ -134,3 +134,20 @@ def test_bad_evaluation_configs_name_the_key():
         load(EvalConfig, None, "evaluate", ["total_tokens=-1"])
     with pytest.raises(ConfigError, match="evaluate.total_token_limits: .* must be >= 1"):
         load(EvalConfig, None, "evaluate", ["total_token_limits=[2048, 0]"])
+
+
+def test_out_that_holds_something_else_is_refused_before_any_work(dataset, tmp_path):
+    """`--out` never deletes what evaluate did not write; an earlier evaluation is replaced."""
+    from apr.cli import main
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "plan.md").write_text("mine")
+    args = ["evaluate", "--problems", str(dataset), "--no-progress", "--set", "engine=oracle",
+            "--set", "max_problems=3"]
+    assert main([*args, "--out", str(notes)]) == 2
+    assert [p.name for p in notes.iterdir()] == ["plan.md"]
+    assert main([*args, "--out", str(tmp_path / "eval")]) == 0
+    assert main([*args, "--out", str(tmp_path / "eval"), "--set", "max_problems=2"]) == 0
+    rows = (tmp_path / "eval" / "results.jsonl").read_text().splitlines()
+    assert len(rows) == 2 * 2  # the second evaluation's rows (2 problems, apr and sos)

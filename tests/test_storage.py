@@ -102,3 +102,17 @@ def test_a_manifest_naming_a_path_outside_the_artifact_is_refused(artifact, tmp_
     with pytest.raises(storage.StorageError, match="outside the artifact"):
         storage.download(published, tmp_path / "copy")
     assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "copy").exists()
+
+
+def test_pull_into_a_directory_it_did_not_write_is_refused(artifact, tmp_path):
+    published = tmp_path / "store" / "models" / "m" / "v1"
+    storage.upload(artifact, published)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "index.md").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds no _MANIFEST.json"):
+        storage.download(published, docs)
+    assert [p.name for p in docs.iterdir()] == ["index.md"]
+    storage.download(published, tmp_path / "pulled")
+    storage.download(published, tmp_path / "pulled")  # an earlier pull is replaced
+    assert storage.is_complete(tmp_path / "pulled")

@@ -200,6 +200,7 @@ async def evaluate(engine, problems: list[dict], config: EvalConfig, progress: b
 def run(config: EvalConfig, model: str | Path | None, problems: str | Path, out: str | Path,
         progress: bool = True) -> dict:
     out = Path(out)
+    atomic.check_replaceable(out, "metrics.json")  # before the work, not after it
     rows_in = load_problems(problems, config.split, config.max_problems)
     engine = make_engine(config, model, problems)
     started = time.perf_counter()
@@ -224,7 +225,7 @@ def run(config: EvalConfig, model: str | Path | None, problems: str | Path, out:
     }
     from apr.report import write_plots, write_report
 
-    with atomic.partial_dir(out, replace=True) as partial:
+    with atomic.partial_dir(out, replace="metrics.json") as partial:
         with open(partial / "results.jsonl", "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")

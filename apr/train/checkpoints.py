@@ -18,7 +18,7 @@ def save_checkpoint(directory: Path, model, optimizer, state: dict, keep: int) -
     from safetensors.torch import save_file
 
     final = directory / f"step-{state['step']:07d}"
-    with atomic.partial_dir(final, replace=True) as partial:
+    with atomic.partial_dir(final, replace="trainer.json") as partial:
         save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
                   partial / "model.safetensors")
         opt = optimizer.state_dict()
