@@ -139,6 +139,10 @@ def _pipeline(args: argparse.Namespace) -> int:
         overrides = {"datagen": args.datagen_set, "sft": args.sft_set, "grpo": args.grpo_set,
                      "evaluate": args.evaluate_set}
         summary = pipeline.run_local(args.workdir, args.preset, args.store, overrides)
+        if summary["metrics"]:
+            from apr.report import summary as report_summary
+
+            print(report_summary(json.loads(open(summary["metrics"]).read())))
         print(f"report: {summary['report']}")
     return 0
 

@@ -7,11 +7,13 @@ tokenizer files: `AutoModelForCausalLM` / `AutoTokenizer` load it, and it is wha
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from apr import atomic
 from apr import tokenizer as domain_tokenizer
+from apr.countdown.threads import STYLE_NAMES
 
 
 @dataclass(frozen=True)
@@ -96,15 +98,47 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def save(model, directory: str | Path) -> Path:
-    """Write an HF model directory (safetensors + tokenizer), atomically: temp dir, then rename."""
+ORIGIN = "origin.json"  # how a saved model was trained: stage, traces, step, what it started from
+
+
+def save(model, directory: str | Path, origin: dict | None = None) -> Path:
+    """Write an HF model directory (safetensors + tokenizer, and `origin` when given: how it
+    was trained, so a report can name it), atomically: temp dir, then rename."""
     _quiet_transformers()
     directory = Path(directory)
     with atomic.partial_dir(directory, replace="config.json") as partial:
         model.save_pretrained(partial, safe_serialization=True)
         domain_tokenizer.save(partial, model_max_length=model.config.max_position_embeddings)
+        if origin is not None:
+            (partial / ORIGIN).write_text(json.dumps(origin, indent=1) + "\n")
     return directory
 
+
+def origin(directory: str | Path) -> dict | None:
+    """The `origin` a model was saved with, or None (not recorded, or not readable)."""
+    try:
+        return json.loads((Path(directory) / ORIGIN).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def describe(directory: str | Path | None) -> str:
+    """A model in words, from its origin: "SFT on APR traces, step 40", "GRPO step 2 from ..."."""
+    if directory is None:
+        return "none"
+    return _describe(origin(directory)) or Path(directory).name
+
+
+def _describe(record: dict | None) -> str:
+    if not record:
+        return ""
+    if record.get("stage") == "sft":
+        style = STYLE_NAMES.get(record.get("traces"), record.get("traces"))
+        return f"SFT on {style} traces ({record.get('shape')} shape), step {record.get('step')}"
+    if record.get("stage") == "grpo":
+        start = _describe(record.get("from")) or "an SFT model"
+        return f"GRPO step {record.get('step')} from {start}"
+    return str(record.get("stage", ""))
 
 def sampled_logprobs(logits, targets, temperature: float):
     """log_softmax(logits / temperature) at each target token, in float32: the convention of

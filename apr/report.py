@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from apr.countdown.threads import APR, SOS, STYLE_NAMES
+
 PLOTS = {"context": "accuracy_vs_context.png", "tokens": "accuracy_vs_total_tokens.png",
          "latency": "accuracy_vs_latency.png"}
 
@@ -17,13 +19,22 @@ def _series(settings: dict) -> dict[str, list[tuple[float, float, str]]]:
     """Points (x for tokens, x for latency, label) grouped into method series."""
     series: dict[str, list] = {}
     for name, m in settings.items():
-        method = "APR" if name.startswith("apr") else "SoS+"
+        method = STYLE_NAMES[APR] if name.startswith(APR) else STYLE_NAMES[SOS]
         tokens, latency = m["tokens_total"].get("mean", 0), m["latency_s"].get("mean", 0)
         series.setdefault(method, []).append((tokens, latency, m["accuracy"], name))
         if "majority_accuracy" in m:
             series.setdefault("SoS+ majority", []).append(
                 (tokens, latency, m["majority_accuracy"], name))
     return series
+
+
+def _label(name: str, metrics: dict) -> str:
+    """A setting's curve label: APR or SoS+, its budget or sample count, and its model."""
+    style = APR if name.startswith(APR) else SOS
+    label = STYLE_NAMES[style] + name[len(style):]
+    model = metrics.get("model_label")
+    model = model.get(style) if isinstance(model, dict) else model
+    return f"{label}: {model}" if model else label
 
 
 def write_plots(metrics: dict, directory: Path) -> list[Path]:
@@ -38,7 +49,7 @@ def write_plots(metrics: dict, directory: Path) -> list[Path]:
     for name, m in settings.items():
         limits = sorted(int(c) for c in m["accuracy_at_context"])
         ax.plot(limits, [100 * m["accuracy_at_context"][str(c)] for c in limits], marker="o",
-                label=name)
+                label=_label(name, metrics))
     ax.set(xlabel="context window limit (tokens)", ylabel="accuracy (%)",
            title="Accuracy against context window")
     paths.append(_save(fig, ax, directory / PLOTS["context"]))
@@ -51,7 +62,7 @@ def write_plots(metrics: dict, directory: Path) -> list[Path]:
                 at = m.get("accuracy_at_total_tokens", {})  # absent in older metrics.json
                 budgets = sorted(int(t) for t in at)
                 ax.plot(budgets, [100 * at[str(t)] for t in budgets], linestyle="--",
-                        marker=".", alpha=0.7, label=f"{name} within T")
+                        marker=".", alpha=0.7, label=f"{_label(name, metrics)}, within T")
         for method, points in _series(settings).items():
             points = sorted(points, key=lambda p: p[index])
             ax.plot([p[index] for p in points], [100 * p[2] for p in points], marker="o",
@@ -65,8 +76,9 @@ def write_plots(metrics: dict, directory: Path) -> list[Path]:
 
 
 def _save(fig, ax, path: Path) -> Path:
+    ax.set_ylim(0, 100)  # accuracy in percent: the whole scale, also when every point is 0
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
@@ -81,7 +93,7 @@ def markdown(metrics: dict) -> str:
     lines = [
         f"# Evaluation: {metrics['problems']} {metrics['split']} problems",
         "",
-        f"Engine `{metrics['engine']}`, model `{metrics.get('model')}`, context window "
+        f"Engine `{metrics['engine']}`, {_models(metrics)}, context window "
         f"{metrics['context']} tokens{_budget(metrics.get('total_tokens'))}, "
         f"{metrics['seconds']} s. Accuracy is checked by the "
         "verifier (the solution replayed over the problem's numbers), never taken from the "
@@ -121,6 +133,26 @@ def markdown(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def _models(metrics: dict) -> str:
+    """Which model(s) the report is about, by how they were trained (their paths below)."""
+    labels, paths = metrics.get("model_label"), metrics.get("model")
+    if isinstance(labels, dict):  # a comparison of two evaluations
+        return "models: " + "; ".join(f"{STYLE_NAMES.get(k, k)}: {v} (`{(paths or {}).get(k)}`)"
+                                      for k, v in labels.items())
+    return f"model: {labels or paths} (`{paths}`)"
+
+
+def summary(metrics: dict) -> str:
+    """A few lines for a terminal: each setting's accuracy, children, tokens and latency."""
+    lines = [f"{metrics['problems']} {metrics['split']} problems, {_models(metrics)}"]
+    for name, m in metrics["settings"].items():
+        lines.append(f"  {name:<12} accuracy {100 * m['accuracy']:5.1f}%  children "
+                     f"{m['children_per_problem']:5.2f}  total tokens "
+                     f"{_cell(m['tokens_total']):>6}  sequential {_cell(m['tokens_sequential']):>6}"
+                     f"  latency {_cell(m['latency_s'], digits=2)} s")
+    return "\n".join(lines)
+
+
 def _budget(total_tokens: int | dict | None) -> str:
     """The header's note of the total-token budget the solves ran under, if any."""
     if isinstance(total_tokens, dict):  # a comparison: each model's evaluation
@@ -138,6 +170,8 @@ def compare(apr_metrics: dict, sos_metrics: dict) -> dict:
     """One metrics document holding the APR model's settings and the SoS+ model's settings."""
     merged = {key: apr_metrics.get(key) for key in ("engine", "problems", "split", "context")}
     merged["model"] = {"apr": apr_metrics.get("model"), "sos": sos_metrics.get("model")}
+    merged["model_label"] = {"apr": apr_metrics.get("model_label"),
+                             "sos": sos_metrics.get("model_label")}
     merged["total_tokens"] = {"apr": apr_metrics.get("total_tokens", 0),
                               "sos": sos_metrics.get("total_tokens", 0)}
     merged["seconds"] = round(apr_metrics.get("seconds", 0) + sos_metrics.get("seconds", 0), 2)

@@ -18,12 +18,14 @@ def grpo(preset: str, overrides: list, launcher: str, run_id: str, store: str,
     `apr engine serve` as its rollout server.
     """
     import json
+    import logging
     import os
     import shutil
 
     from apr.config import load
     from apr.stages import grpo as stage
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per rollout request
     overrides = [str(o) for o in overrides]
     config = load(stage.GRPOConfig, preset, stage.SECTION, overrides)
     if launcher == "job":

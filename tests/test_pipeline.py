@@ -170,6 +170,9 @@ def test_local_run_end_to_end(tmp_path):
         "evaluate": ["max_problems=3", "context=64", "context_limits=[32,64]"]})
     report = Path(summary["report"])
     assert report.is_file() and "| apr |" in report.read_text() and "| sos |" in report.read_text()
+    header = report.read_text().splitlines()[2]  # each model named by how it was trained
+    assert "APR: GRPO step 1 from SFT on APR traces (tiny shape), step 2" in header
+    assert "SoS+: SFT on SoS+ traces (tiny shape), step 2" in header
     metrics = json.loads(Path(summary["metrics"]).read_text())
     assert set(metrics["settings"]) == {"apr", "sos"}
     assert (report.parent / "report.html").read_text().count("data:image/png;base64") == 3

@@ -20,6 +20,7 @@ ROLES = (PARENT, CHILD)
 # SoS+ (the same search serialized in one thread).
 APR, SOS = "apr", "sos"
 STYLES = (APR, SOS)
+STYLE_NAMES = {APR: "APR", SOS: "SoS+"}  # as reports and plots write them
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,7 @@ class Trainer:
         from apr import model as model_lib
 
         self.config = config
+        self.start = model_lib.origin(model_dir)  # how the starting model was trained
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.policy = model_lib.load(model_dir, str(self.device), dtype=torch.float32).train()
         self.reference = None

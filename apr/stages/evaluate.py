@@ -197,6 +197,17 @@ async def evaluate(engine, problems: list[dict], config: EvalConfig, progress: b
     return list(rows)
 
 
+def _model_label(config: EvalConfig, model: str | Path | None) -> str:
+    """The model in words for the report (its training stage and step), or the engine."""
+    if config.engine == "oracle":
+        return "the solver's own traces (oracle)"
+    if model is None:
+        return f"the model served at {config.engine_url}"
+    from apr import model as model_lib
+
+    return model_lib.describe(model)
+
+
 def run(config: EvalConfig, model: str | Path | None, problems: str | Path, out: str | Path,
         progress: bool = True) -> dict:
     out = Path(out)
@@ -218,6 +229,7 @@ def run(config: EvalConfig, model: str | Path | None, problems: str | Path, out:
         by_setting.setdefault(r["setting"], []).append(r)
     metrics = {
         "engine": config.engine, "model": str(model) if model else None,
+        "model_label": _model_label(config, model),
         "problems": len(rows_in), "split": config.split, "context": config.context,
         "total_tokens": config.total_tokens, "seconds": round(seconds, 2),
         "settings": {name: summarize(rs, config.context_limits, config.total_token_limits)

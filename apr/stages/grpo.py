@@ -435,7 +435,9 @@ def _finish(paths: RunPaths, trainer: Trainer, state: dict) -> GRPOResult:
     from apr import model as model_lib
     from apr.storage import upload
 
-    model_dir = model_lib.save(trainer.policy, paths.local / "model")
+    model_dir = model_lib.save(trainer.policy, paths.local / "model",
+                               origin={"stage": "grpo", "step": state["step"],
+                                       "from": trainer.start})
     summary = {"steps": state["step"], "val_accuracy": state["val_accuracy"],
                "initial_val_accuracy": state["initial_val_accuracy"]}
     (paths.local / "grpo.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -323,7 +323,8 @@ def run(config: SFTConfig, data: str | Path, out: str | Path, resume: bool = Fal
     bar.close()
     model_dir = out / "model"
     if dist_info.main:
-        model_lib.save(model, model_dir)
+        model_lib.save(model, model_dir, origin={"stage": "sft", "traces": config.traces,
+                                                 "shape": config.shape, "step": state["step"]})
         summary = {"steps": state["step"], "train_loss": train_loss, "val_loss": val_loss,
                    "train_sequences": len(train), "dropped_sequences": train.dropped,
                    "train_target_tokens": state["tokens"],
