@@ -189,6 +189,7 @@ def test_refuses_an_existing_out(data):
     assert files(out) == before
 
 
+@pytest.mark.slow
 def test_a_failed_run_leaves_no_out(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")

@@ -547,6 +547,7 @@ def _files(directory) -> dict[str, bytes]:
             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != storage.MANIFEST}
 
 
+@pytest.mark.slow
 def test_run_grpo_job_stages_the_inputs_runs_the_job_and_brings_the_model_back(
         cluster, s3, monkeypatch, tmp_path):
     """The pipeline step's side of a GRPO Job, against the fake API server and a real S3

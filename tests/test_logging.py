@@ -82,6 +82,7 @@ def probe(*argv: str) -> tuple[str, set[str]]:
                                        done.stderr, re.MULTILINE))
 
 
+@pytest.mark.slow
 def test_log_level_sets_what_reaches_stderr_and_the_format():
     stderr, info = probe()  # the default is info
     assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO apr\.probe: apr\.probe info$",
@@ -100,6 +101,7 @@ def test_log_level_sets_what_reaches_stderr_and_the_format():
     assert {m.split()[1] for m in error} == {"error"}
 
 
+@pytest.mark.slow
 def test_log_level_may_also_follow_the_command():
     # As the chart's `server.extraArgs` give it: `apr serve ... --log-level debug`.
     _, after = probe(*COMMAND, "--log-level", "warning")

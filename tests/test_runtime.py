@@ -73,6 +73,7 @@ def test_oracle_runtime_rebuilds_every_apr_thread_of_the_solver(corpus):
     assert accuracy == sum(r["solved"] for r in apr) / len(apr)
 
 
+@pytest.mark.slow
 def test_oracle_runtime_rebuilds_sos_traces(corpus):
     engine = OracleEngine(corpus)
     sos = [r for r in corpus if r["kind"] == "sos"]

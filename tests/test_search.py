@@ -373,6 +373,7 @@ def test_sos_dives_are_nested_and_closed(sos_corpus):
 
 
 # --- determinism ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_same_seed_same_traces_and_different_seeds_differ():
     params = SearchParams(4, "mult", 0.9, 9)
     sos_params = SearchParams(3, "mult", 0.5)
@@ -393,6 +394,7 @@ def test_same_seed_same_traces_and_different_seeds_differ():
     assert differ_apr > 10 and differ_sos > 10
 
 
+@pytest.mark.slow
 def test_corpus_rebuild_is_identical():
     a = corpus.__wrapped__("apr", 3, 20)
     b = corpus.__wrapped__("apr", 3, 20)

@@ -58,6 +58,7 @@ def test_a_server_that_never_answers_fails_with_its_log(tmp_path):
     assert _gone(_pid_in(tmp_path / "pid"))  # and it was stopped
 
 
+@pytest.mark.slow
 def test_a_server_that_exits_is_reported_and_its_children_stopped(tmp_path):
     """SGLang's scheduler processes are the server's children: they must not outlive it."""
     sidecar = RolloutServer(tmp_path, tmp_path / "server.log", kind=ENGINE_SERVE, startup_timeout_s=30)

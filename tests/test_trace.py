@@ -197,6 +197,7 @@ def test_arbitrary_events_round_trip(events, budget):
 
 
 @given(events_strategy.filter(bool))
+@pytest.mark.slow
 def test_last_line_without_newline_is_read_when_whole(events):
     text = render(events)
     assert text.endswith("\n")
@@ -207,6 +208,7 @@ def test_last_line_without_newline_is_read_when_whole(events):
 
 # --- the parser never raises ---------------------------------------------------------------
 @given(st.text())
+@pytest.mark.slow
 def test_parse_never_raises_on_arbitrary_text(text):
     parsed = parse(text)
     assert isinstance(parsed, ParsedTrace)
