@@ -5,8 +5,10 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 DEMO_OUT ?= runs/demo
+# Real SGLang on the CPU, in an environment of its own (`make sglang`; the tests find it there).
+SGLANG_ENV ?= .venv-sglang
 
-.PHONY: setup demo test bench pipeline clean
+.PHONY: setup sglang demo test bench pipeline clean
 
 setup: $(VENV)/.installed
 
@@ -18,6 +20,9 @@ $(VENV)/.installed: pyproject.toml
 # helm-sdkpy (Helm's Go library, for the chart tests) declares Python 3.12+ but runs on 3.11.
 	$(BIN)/python -m pip install --quiet --ignore-requires-python helm-sdkpy
 	touch $@
+
+sglang:
+	scripts/sglang-env.sh $(SGLANG_ENV)
 
 demo: setup
 	rm -rf $(DEMO_OUT)
@@ -33,4 +38,4 @@ pipeline: setup
 	$(BIN)/apr pipeline compile
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(SGLANG_ENV) runs

@@ -8,6 +8,7 @@ key is wrong and what it may be.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -73,11 +74,13 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
     if kind is float:
         if isinstance(value, str):  # YAML 1.1 reads 2e-4 (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # NaN passes every range check, inf most of them
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if kind is str:
         if not isinstance(value, str):

@@ -23,6 +23,7 @@ import asyncio
 import dataclasses
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -95,6 +96,49 @@ async def spawn_cost(engine: LocalEngine, problems: list[dict], context: int, wa
     return out
 
 
+@dataclass
+class Measured:
+    """What `measure` found: the baseline per cache, the runtime's solves and engine stats."""
+
+    baseline_batch: int
+    base_ms: dict[bool, float]  # static cache? -> ms per step of `generate`
+    solves: int
+    accuracy: float
+    wall_s: float
+    stats: DecodeStats
+    spawn_ratios: list[tuple[int, float]]
+
+    @property
+    def runtime_ms(self) -> float:
+        return self.stats.busy_s / self.stats.steps * 1000
+
+    @property
+    def idle_share(self) -> float:
+        return 1 - self.stats.busy_s / self.wall_s
+
+
+def measure(engine: LocalEngine, problems_dir: str, problems_n: int = 1000, context: int = 4096,
+            baseline_batch: int = 64, baseline_tokens: int = 256, warmups: int = 2,
+            k_children: int = 20) -> Measured:
+    """The three measurements on one engine (callable from bench/gpu_suite.py); with
+    `k_children` 0 the spawn cost (solves one at a time: slow) is left out."""
+    model = engine.model
+    base = {static: baseline_ms_per_step(model, baseline_batch, baseline_tokens, static, warmups)
+            for static in (False, True)}
+
+    problems = load_problems(problems_dir, "val", problems_n)
+    config = EvalConfig(context=context, modes=["apr"], max_problems=problems_n)
+    asyncio.run(evaluate(engine, problems[:8], config, progress=False))  # warm-up
+    engine.stats = DecodeStats()
+    started = time.perf_counter()
+    rows = asyncio.run(evaluate(engine, problems, config, progress=False))
+    wall = time.perf_counter() - started
+    stats = dataclasses.replace(engine.stats)  # before the spawn-cost solves add to it
+    ratios = asyncio.run(spawn_cost(engine, problems, context, k_children)) if k_children else []
+    accuracy = sum(r["correct"] for r in rows) / len(rows)
+    return Measured(baseline_batch, base, len(rows), accuracy, wall, stats, ratios)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a trained model directory")
@@ -104,7 +148,8 @@ def main() -> None:
     parser.add_argument("--baseline-batch", type=int, default=64)
     parser.add_argument("--baseline-tokens", type=int, default=256)
     parser.add_argument("--warmups", type=int, default=2, help="baseline warm-up runs")
-    parser.add_argument("--k-children", type=int, default=20, help="solves timed for spawn cost")
+    parser.add_argument("--k-children", type=int, default=20,
+                        help="solves timed for spawn cost (0: none)")
     args = parser.parse_args()
 
     engine = LocalEngine(args.model)
@@ -113,30 +158,17 @@ def main() -> None:
     print(f"device {device}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
           f"batching in the engine: {engine.batching}")
 
-    base = {static: baseline_ms_per_step(model, args.baseline_batch, args.baseline_tokens, static,
-                                         args.warmups)
-            for static in (False, True)}
-
-    problems = load_problems(args.problems, "val", args.problems_n)
-    config = EvalConfig(context=args.context, modes=["apr"], max_problems=args.problems_n)
-    asyncio.run(evaluate(engine, problems[:8], config, progress=False))  # warm-up
-    engine.stats = DecodeStats()
-    started = time.perf_counter()
-    rows = asyncio.run(evaluate(engine, problems, config, progress=False))
-    wall = time.perf_counter() - started
-    stats = dataclasses.replace(engine.stats)  # before the spawn-cost solves add to it
-    ours = stats.busy_s / stats.steps * 1000
-    ratios = asyncio.run(spawn_cost(engine, problems, args.context, args.k_children))
-
-    accuracy = sum(r["correct"] for r in rows) / len(rows)
+    m = measure(engine, args.problems, args.problems_n, args.context, args.baseline_batch,
+                args.baseline_tokens, args.warmups, args.k_children)
+    base, stats, ours, ratios = m.base_ms, m.stats, m.runtime_ms, m.spawn_ratios
     table = [
         (f"baseline generate, dynamic cache, batch {args.baseline_batch}", f"{base[False]:.2f} ms/step"),
         (f"baseline generate, static cache, batch {args.baseline_batch}", f"{base[True]:.2f} ms/step"),
-        (f"runtime: {len(rows)} APR solves (accuracy {accuracy:.3f})", f"{wall:.1f} s wall"),
+        (f"runtime: {m.solves} APR solves (accuracy {m.accuracy:.3f})", f"{m.wall_s:.1f} s wall"),
         (f"runtime: engine step ({stats.batches} batches, {stats.rows / stats.batches:.1f} rows each)",
          f"{ours:.2f} ms/step"),
         ("runtime step / static baseline step", f"{ours / base[True]:.2f}x"),
-        ("engine idle share of wall time (bookkeeping)", f"{1 - stats.busy_s / wall:.1%}"),
+        ("engine idle share of wall time (bookkeeping)", f"{m.idle_share:.1%}"),
     ]
     if ratios:
         values = [r for _, r in ratios]

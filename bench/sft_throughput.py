@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from apr.stages.sft import (
     tensors,
     token_loss,
 )
-from apr.train.data import Layout, load_sequences
+from apr.train.data import Layout, Sequences, load_sequences
 
 
 def timed_steps(step, warmup: int, steps: int, device) -> float:
@@ -43,42 +44,42 @@ def timed_steps(step, warmup: int, steps: int, device) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="an `apr datagen` output directory")
-    parser.add_argument("--preset", default="small", choices=list(model_lib.PRESETS))
-    parser.add_argument("--context", type=int, default=4096)
-    parser.add_argument("--tokens-per-batch", type=int, default=65536)
-    parser.add_argument("--dense-seq", type=int, default=None, help="baseline sequence length")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--compile", action="store_true", help="also time compiled variants")
-    parser.add_argument("--peak-tflops", type=float, default=783.0,
-                        help="measured bf16 matmul peak (H100: 783)")
-    args = parser.parse_args()
+@dataclass
+class Row:
+    """One timed variant: real (non-padding) tokens per second and the TFLOP/s they imply."""
 
+    variant: str
+    tokens_per_s: float
+    tflops: float
+
+
+def measure(seqs: Sequences, preset: str, context: int, tokens_per_batch: int,
+            dense_seq: int | None = None, steps: int = 20, warmup: int = 5,
+            compile: bool = False) -> list[Row]:
+    """Time the dense baseline, then our loop in both layouts (eager, then compiled with
+    `compile`), on `seqs`; the first row is the eager dense baseline. Callable from other
+    benchmarks (bench/gpu_suite.py), so it takes loaded sequences, not a path."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" \
         else nullcontext
-    config = SFTConfig(preset=args.preset, context=args.context,
-                       tokens_per_batch=args.tokens_per_batch, pad_multiple=64)
-    seqs = load_sequences(args.data, "apr", "train", "all", args.context)
-    layouts = {"ours, buckets": Layout(args.tokens_per_batch, 64),
-               "ours, packed rows": Layout(args.tokens_per_batch, 64, pack_width=args.context)}
+    config = SFTConfig(shape=preset, context=context,
+                       tokens_per_batch=tokens_per_batch, pad_multiple=64)
+    layouts = {"ours, buckets": Layout(tokens_per_batch, 64),
+               "ours, packed rows": Layout(tokens_per_batch, 64, pack_width=context)}
     plans = {name: layout.plan(seqs.lengths, seed=0, epoch=0) for name, layout in layouts.items()}
-    dense_seq = args.dense_seq or args.context
-    dense_batch = max(1, args.tokens_per_batch // dense_seq)
-    print(f"device {device}, preset {args.preset}, {len(seqs)} real sequences "
+    dense_seq = dense_seq or context
+    dense_batch = max(1, tokens_per_batch // dense_seq)
+    print(f"device {device}, preset {preset}, {len(seqs)} real sequences "
           f"(median {int(np.median(seqs.lengths))} tokens), "
           + ", ".join(f"{len(plan)} batches ({name})" for name, plan in plans.items()))
 
     rows = []
-    for compiled in ([False, True] if args.compile else [False]):
+    for compiled in ([False, True] if compile else [False]):
         for variant in ("dense baseline", *layouts):
-            model = model_lib.build(args.preset, args.context).to(device)
+            model = model_lib.build(preset, context).to(device)
             optimizer = make_optimizer(model, config, device)
             run = torch.compile(model) if compiled else model
-            flops = flops_per_token(model, args.context)
+            flops = flops_per_token(model, context)
             counted = []
 
             if variant == "dense baseline":
@@ -105,18 +106,37 @@ def main() -> None:
                     optimizer.zero_grad(set_to_none=True)
                     counted.append(int(seqs.lengths[indices].sum()))
 
-            seconds = timed_steps(step, args.warmup, args.steps, device)
-            tokens = sum(counted[args.warmup:])
+            seconds = timed_steps(step, warmup, steps, device)
+            tokens = sum(counted[warmup:])
             rate = tokens / seconds
-            rows.append((variant + (" compiled" if compiled else ""), rate,
-                         rate * flops / 1e12))
-            del model, optimizer, run
+            rows.append(Row(variant + (" compiled" if compiled else ""), rate,
+                            rate * flops / 1e12))
+            del model, optimizer, run, step  # the step's defaults hold the model too
+    return rows
 
-    base = rows[0][1]
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="an `apr datagen` output directory")
+    parser.add_argument("--preset", default="small", choices=list(model_lib.PRESETS))
+    parser.add_argument("--context", type=int, default=4096)
+    parser.add_argument("--tokens-per-batch", type=int, default=65536)
+    parser.add_argument("--dense-seq", type=int, default=None, help="baseline sequence length")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="also time compiled variants")
+    parser.add_argument("--peak-tflops", type=float, default=783.0,
+                        help="measured bf16 matmul peak (H100: 783)")
+    args = parser.parse_args()
+
+    seqs = load_sequences(args.data, "apr", "train", "all", args.context)
+    rows = measure(seqs, args.preset, args.context, args.tokens_per_batch, args.dense_seq,
+                   args.steps, args.warmup, args.compile)
+    base = rows[0].tokens_per_s
     print(f"{'variant':<32}{'tokens/s':>14}{'TFLOP/s':>10}{'MFU':>8}{'vs dense eager':>16}")
-    for name, rate, tflops in rows:
-        print(f"{name:<32}{rate:>14,.0f}{tflops:>10.1f}{tflops / args.peak_tflops:>8.1%}"
-              f"{rate / base:>15.2f}x")
+    for row in rows:
+        print(f"{row.variant:<32}{row.tokens_per_s:>14,.0f}{row.tflops:>10.1f}"
+              f"{row.tflops / args.peak_tflops:>8.1%}{row.tokens_per_s / base:>15.2f}x")
 
 
 if __name__ == "__main__":

@@ -173,3 +173,27 @@ def s3():
     yield S3Settings.from_env({"S3_ENDPOINT": url, **S3_KEYS})
     proc.terminate()
     proc.wait(timeout=10)
+
+
+# --- real SGLang ------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parent.parent
+
+
+def sglang_python_or_skip() -> str:
+    """The interpreter of the SGLang environment: $APR_SGLANG_PYTHON, else the one `make
+    sglang` builds. Without it the SGLang tests skip, or fail with APR_REQUIRE_TOOLS=1 (CI)."""
+    from apr.decode.rollout_server import SGLANG_PYTHON_ENV
+
+    python = os.environ.get(SGLANG_PYTHON_ENV) or str(REPO / ".venv-sglang/bin/sglang-python")
+    if not Path(python).is_file():
+        message = (f"real SGLang is not installed ({python} is missing): `make sglang` builds "
+                   f"it, or set {SGLANG_PYTHON_ENV}")
+        if os.environ.get("APR_REQUIRE_TOOLS") == "1":
+            pytest.fail(message + " (APR_REQUIRE_TOOLS=1)")
+        pytest.skip(message)
+    return python
+
+
+@pytest.fixture(scope="session")
+def sglang_python() -> str:
+    return sglang_python_or_skip()

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from apr import cli
-from apr.config import ConfigError, apply_override, dump, load
+from apr.config import ConfigError, apply_override, dump, from_dict, load
 from apr.stages.datagen import (
     SECTION,
     AprSolverConfig,
@@ -16,6 +16,7 @@ from apr.stages.datagen import (
     ProblemsConfig,
     SosSolverConfig,
 )
+from apr.stages.grpo import GRPOConfig
 
 CONFIGS = Path(__file__).resolve().parent.parent / "apr" / "presets"
 
@@ -113,6 +114,14 @@ def test_wrong_types():
     assert "expected true or false" in error("apr.budget_prefix=3")
     assert "expected a string" in error("sos.heuristic=3")
     assert "expected a mapping" in error("problems=3")
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "nan", "inf", "1e999"])
+def test_nan_and_infinity_are_refused_before_any_range_check(value):
+    """NaN compares false with every bound, so a range check alone would let it through."""
+    assert "expected a finite number" in error(f"apr.promising_threshold={value}")
+    with pytest.raises(ConfigError, match="lr: expected a finite number"):
+        from_dict(GRPOConfig, {"lr": float(value.lstrip(".").replace("-.", "-"))}, "grpo")
 
 
 def test_bad_choices_list_the_choices():

@@ -139,4 +139,6 @@ def test_the_engine_server_answers_a_failure_with_a_clean_500_and_logs_it(caplog
     assert record.levelno == logging.ERROR and record.exc_info is not None
     assert "/generate" in record.getMessage()
     assert "Traceback" in caplog.text and "IndexError" in caplog.text
-    assert client.get("/health").status_code == 200
+    # the server is up, and its health check, which generates a token, says the engine is not
+    assert client.get("/model_info").status_code == 200
+    assert client.get("/health").status_code == 503

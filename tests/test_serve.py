@@ -198,9 +198,15 @@ def test_an_engine_outage_is_logged_with_its_reason_and_not_told_to_the_client(c
     reason = "http://10.0.0.7:30000/generate unreachable: ConnectError('refused')"
     engine = Flaky(OracleEngine(corpus), reason)
     engine.up = False
+
+    async def said_ready_a_moment_ago():  # it went down between the check and the request
+        return True
+
+    engine.ready = said_ready_a_moment_ago
     client = client_for(engine)
     with caplog.at_level(logging.WARNING, logger="apr.serve.app"):
         answer = client.post("/v1/solve", json={"nums": solved["nums"], "target": solved["target"]})
+        del engine.ready  # its own answer again: down
         assert client.get("/readyz").status_code == 503
     assert answer.status_code == 503 and answer.json()["kind"] == "engine_unavailable"
     assert "10.0.0.7" not in answer.text and "ConnectError" not in answer.text

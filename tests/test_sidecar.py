@@ -128,3 +128,22 @@ def test_after_a_weight_update_the_server_scores_text_as_the_trainer(model_dir, 
     with torch.no_grad():
         stale = token_logprobs(old, ids, 1.0)[0, start - 1:]
     assert (stale - ours).abs().max() > 1e-2
+
+
+def test_sglang_starts_from_its_own_interpreter_with_the_cpu_flags_on_a_cpu(monkeypatch):
+    from apr.decode.rollout_server import server_command, server_env
+
+    monkeypatch.setenv("APR_SGLANG_PYTHON", "/opt/sglang/bin/python")
+    monkeypatch.delenv("SGLANG_USE_CPU_ENGINE", raising=False)
+    cpu = server_command("sglang", "/m", 30000, device="cpu")
+    assert cpu[:3] == ["/opt/sglang/bin/python", "-m", "sglang.launch_server"]
+    flags = {f: cpu[cpu.index(f) + 1] for f in ("--device", "--dtype", "--max-total-tokens",
+                                                "--weight-version")}
+    assert flags["--device"] == "cpu" and flags["--dtype"] == "float32"
+    assert int(flags["--max-total-tokens"]) > 0 and flags["--weight-version"] == "0"
+    assert server_env("sglang", "cpu")["SGLANG_USE_CPU_ENGINE"] == "1"
+    gpu = server_command("sglang", "/m", 30000, device="cuda", python="/srv/python")
+    assert gpu[0] == "/srv/python" and "--device" not in gpu and "--dtype" not in gpu
+    assert "SGLANG_USE_CPU_ENGINE" not in server_env("sglang", "cuda")
+    # the stand-in is the project's own command, whatever SGLang's interpreter is
+    assert server_command(ENGINE_SERVE, "/m", 30000, device="cpu")[0] == sys.executable

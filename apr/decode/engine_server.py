@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import replace
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 from fastapi import Body, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from apr.decode.engine import Engine, Sampling
+from apr.decode.engine import ABORT, Completion, Engine, Sampling
 from apr.decode.sglang import (
     CONTINUE_GENERATION,
     FLUSH_CACHE,
@@ -36,6 +37,7 @@ from apr.decode.sglang import (
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's default, kept so clients see the same behaviour
+ABORTED = "Abort in waiting queue"  # SGLang's message for a request ended by a pause
 
 
 class BadRequest(ValueError):
@@ -64,9 +66,14 @@ def sampling_from_json(params: dict[str, Any] | None) -> Sampling:
 
 
 def create_app(engine: Engine, model_path: str, served_name: str = "apr") -> FastAPI:
+    """The app; its pause, readiness, health and model-info behaviour follow SGLang's (the
+    same behaviour suite runs against both: tests/test_sglang.py)."""
     app = FastAPI(title="apr engine (SGLang-compatible subset)")
-    state = {"paused": False, "resumed": asyncio.Event(), "model_path": model_path}
+    # `aborted` is replaced at each pause: requests in flight hold the one to watch
+    state = {"paused": False, "resumed": asyncio.Event(), "aborted": asyncio.Event(),
+             "model_path": model_path, "served_name": served_name, "in_flight": 0}
     state["resumed"].set()
+    health_timeout_s = float(os.environ.get("SGLANG_HEALTH_CHECK_TIMEOUT", 20))
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -76,6 +83,29 @@ def create_app(engine: Engine, model_path: str, served_name: str = "apr") -> Fas
             # The traceback goes to the log, never to the client (no type names, no paths).
             log.exception("%s %s failed", request.method, request.url.path)
             return JSONResponse({"error": "internal error", "kind": "internal"}, status_code=500)
+
+    async def decode(prompts: list[str], sampling: Sampling) -> list[Completion]:
+        """The engine's answer, or, when a pause in "abort" mode comes first, SGLang's: each
+        item ends with finish reason abort (the batch already decoding is dropped)."""
+        await state["resumed"].wait()  # /pause_generation holds new work until continued
+        aborted = state["aborted"]
+        work = asyncio.ensure_future(engine.generate(prompts, sampling))
+        stop = asyncio.ensure_future(aborted.wait())
+        state["in_flight"] += 1
+        try:
+            await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # the request itself was cancelled: its work with it
+            work.cancel()
+            raise
+        finally:
+            state["in_flight"] -= 1
+            stop.cancel()
+        if work.done():
+            return work.result()
+        work.cancel()
+        version = getattr(engine, "weight_version", None)
+        return [Completion("", ABORT, None, 0, 0, version, meta={"message": ABORTED})
+                for _ in prompts]
 
     @app.post(GENERATE)
     async def generate(request: Request):
@@ -90,9 +120,8 @@ def create_app(engine: Engine, model_path: str, served_name: str = "apr") -> Fas
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
             return JSONResponse({"error": "text must be a string or a list of strings"},
                                 status_code=400)
-        await state["resumed"].wait()  # /pause_generation holds new work until continued
         started = time.perf_counter()
-        completions = await engine.generate(prompts, replace(sampling, logprobs=logprobs))
+        completions = await decode(prompts, replace(sampling, logprobs=logprobs))
         latency = time.perf_counter() - started
         items = []
         for c in completions:
@@ -101,23 +130,38 @@ def create_app(engine: Engine, model_path: str, served_name: str = "apr") -> Fas
             items.append(item)
         return items[0] if isinstance(text, str) else items
 
-    @app.get(HEALTH)
-    async def health():
+    async def health_generate():
+        """SGLang's health check: a server decoding requests is healthy; an idle one must
+        generate a greedy token in time (a paused one cannot: 503 after the timeout)."""
+        if state["in_flight"]:
+            return Response(status_code=200)
+        try:
+            await asyncio.wait_for(decode(["\n"], Sampling(max_new_tokens=1, temperature=0.0)),
+                                   health_timeout_s)
+        except asyncio.TimeoutError:
+            return Response(status_code=503)
+        except Exception:  # noqa: BLE001 - an engine that cannot generate is unhealthy
+            log.exception("the health check could not generate")
+            return Response(status_code=503)
         return Response(status_code=200)
 
-    @app.get(HEALTH_GENERATE)
-    async def health_generate():
-        await engine.generate(["\n"], Sampling(max_new_tokens=1))
-        return Response(status_code=200)
+    @app.get(HEALTH)
+    async def health():
+        if os.environ.get("SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION", "true").lower() == "false":
+            return Response(status_code=200)
+        return await health_generate()
+
+    app.get(HEALTH_GENERATE)(health_generate)
 
     @app.get(READY)
     async def ready():
-        return Response(status_code=200 if await engine.ready() else 503)
+        up = not state["paused"] and await engine.ready()
+        return Response(status_code=200 if up else 503)
 
     @app.get(MODEL_INFO)
     @app.get(MODEL_INFO_OLD)
     async def model_info():
-        return {"model_path": state["model_path"], "served_model_name": served_name,
+        return {"model_path": state["model_path"], "served_model_name": state["served_name"],
                 "tokenizer_path": state["model_path"], "is_generation": True,
                 "weight_version": getattr(engine, "weight_version", None)}
 
@@ -126,14 +170,19 @@ def create_app(engine: Engine, model_path: str, served_name: str = "apr") -> Fas
         return Response(content="Cache flushed.\n", status_code=200)
 
     @app.post(PAUSE_GENERATION)
-    async def pause(_: dict = Body(default={})):
-        # Any `mode`: new work waits; a request already decoding finishes (SGLang's "abort"
-        # would end it instead; the GRPO loop pauses only when nothing is in flight).
+    async def pause(body: dict = Body(default={})):
+        # New work waits. "abort" (SGLang's default) ends the requests in flight; the other
+        # modes ("retract", "in_place") hold them in SGLang: here they finish.
+        state["paused"] = True
         state["resumed"].clear()
+        if body.get("mode", "abort") == "abort":
+            state["aborted"].set()
+            state["aborted"] = asyncio.Event()
         return {"message": "Generation paused successfully.", "status": "ok"}
 
     @app.post(CONTINUE_GENERATION)
     async def resume(_: dict = Body(default={})):
+        state["paused"] = False
         state["resumed"].set()
         return {"message": "Generation continued successfully.", "status": "ok"}
 
@@ -150,7 +199,8 @@ def create_app(engine: Engine, model_path: str, served_name: str = "apr") -> Fas
             log.warning("weight update from %s failed: %s", body["model_path"], e)
             return JSONResponse({"success": False, "message": str(e), "num_paused_requests": 0},
                                 status_code=400)
-        state["model_path"] = body["model_path"]
+        # SGLang answers under the new path from now on, in both names
+        state["model_path"] = state["served_name"] = body["model_path"]
         log.info("loaded weights from %s (version %s)", body["model_path"],
                  body.get("weight_version"))
         return {"success": True, "message": "Succeeded to update model weights.",

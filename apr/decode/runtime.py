@@ -42,7 +42,15 @@ from apr.countdown.trace import (
     solution_path,
     verify,
 )
-from apr.decode.engine import LENGTH, STOP, Completion, Engine, Sampling
+from apr.decode.engine import (
+    ABORT,
+    LENGTH,
+    STOP,
+    Completion,
+    Engine,
+    EngineError,
+    Sampling,
+)
 from apr.tokenizer import count_tokens
 
 # The role of the thread an engine call decodes (PARENT or CHILD), set by the runtime around
@@ -53,11 +61,17 @@ ROLE: contextvars.ContextVar[str] = contextvars.ContextVar("apr_thread_role", de
 
 async def _generate(engine: Engine, role: str, prompts: list[str], sampling: Sampling
                     ) -> list[Completion]:
+    """The engine's completions; a request the engine aborted (SGLang ends the requests in
+    flight when it pauses) is the engine's failure, never a wrong answer of the model's."""
     token = ROLE.set(role)
     try:
-        return await engine.generate(prompts, sampling)
+        completions = await engine.generate(prompts, sampling)
     finally:
         ROLE.reset(token)
+    for c in completions:
+        if c.finish_reason == ABORT:
+            raise EngineError(f"the engine aborted the request: {c.meta.get('message')}")
+    return completions
 
 
 @dataclass(frozen=True)

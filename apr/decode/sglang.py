@@ -96,7 +96,7 @@ def parse_completion(item: dict[str, Any]) -> Completion:
             text=item["text"],
             finish_reason={"stop": STOP, "length": LENGTH}.get(kind, ABORT),
             matched=matched if isinstance(matched, str) else None,
-            prompt_tokens=int(meta["prompt_tokens"]),
+            prompt_tokens=int(meta.get("prompt_tokens", 0)),  # an abort may lack it
             completion_tokens=int(meta["completion_tokens"]),
             weight_version=meta.get("weight_version"),
             meta={"e2e_latency": meta.get("e2e_latency"),
@@ -157,7 +157,12 @@ class SGLangEngine:
             return 0
 
     async def ready(self) -> bool:
-        return await self._get(READY) == 200 or await self._get(HEALTH) == 200
+        """`/ready` (503 while paused or unhealthy); `/health` only on a server without it:
+        SGLang's `/health` generates a token, and a paused server holds it for 20 s."""
+        status = await self._get(READY)
+        if status == 404:
+            return await self._get(HEALTH) == 200
+        return status == 200
 
     async def model_info(self) -> dict:
         for path in (MODEL_INFO, MODEL_INFO_OLD):

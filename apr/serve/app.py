@@ -52,6 +52,17 @@ class InstrumentedEngine:
         await self.engine.close()
 
 
+READY_TIMEOUT_S = 5.0
+
+
+async def _ready(engine: Engine) -> bool:
+    """The engine's own readiness (SGLang's `/ready`), False when it does not answer in time."""
+    try:
+        return await asyncio.wait_for(engine.ready(), READY_TIMEOUT_S)
+    except (asyncio.TimeoutError, EngineError, OSError):
+        return False
+
+
 def _problem(message: str, status: int, kind: str, metrics: Metrics) -> JSONResponse:
     metrics.errors.labels(kind).inc()
     return JSONResponse(ErrorResponse(error=message, kind=kind).model_dump(), status_code=status)
@@ -100,6 +111,10 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits(), token: str
         started = time.perf_counter()
         metrics.in_flight.inc()
         try:
+            # A paused SGLang (a weight update) holds new requests until it continues, and
+            # aborts those in flight: say 503 now rather than a 504 later.
+            if not await _ready(engine):
+                raise EngineError("the engine is not ready")
             async with gate:
                 result = await asyncio.wait_for(
                     solve_apr(engine, body.nums, body.target, budgets, body.temperature),

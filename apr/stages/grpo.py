@@ -86,6 +86,9 @@ class GRPOConfig:
     sidecar: str = option("auto", "the server this run starts without --engine-url: auto, "
                           "sglang, engine-serve")
     sidecar_device: str = option("auto", "device of the started server: auto, cpu or cuda")
+    sidecar_python: str = option("", "interpreter that starts SGLang (its own environment, e.g. "
+                                 "what `make sglang` prints); empty: $APR_SGLANG_PYTHON, else "
+                                 "this one")
     sidecar_startup_s: float = option(600.0, "seconds the rollout server may take to be ready")
     engine_timeout_s: float = option(600.0, "seconds one HTTP request to the rollout server "
                                      "may take")
@@ -239,8 +242,8 @@ async def _run(config, model, problems, out, engine_url, weights_dir, resume, pr
     sidecar = None
     if not engine_url:
         sidecar = RolloutServer(model_dir, local / "sidecar.log", config.sidecar,
-                          device=config.sidecar_device,
-                          startup_timeout_s=config.sidecar_startup_s).start()
+                                device=config.sidecar_device, python=config.sidecar_python,
+                                startup_timeout_s=config.sidecar_startup_s).start()
     try:
         return await _loop(config, paths, trainer, state, train, val, weights,
                            engine_url or sidecar.url, sidecar, progress)
