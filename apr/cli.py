@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from apr.config import InputError, load
@@ -99,7 +100,7 @@ def _keys_epilog(stage: str) -> str:
 def _publish(args: argparse.Namespace) -> int:
     from apr.stages import publish
 
-    print(publish.run(args.model, args.store, args.name, args.version))
+    print(publish.run(args.model, args.store, args.name, args.version, replace=args.replace))
     return 0
 
 
@@ -156,10 +157,17 @@ def _serve(args: argparse.Namespace) -> int:
         raise InputError(f"--engine {args.engine} needs --engine-url (e.g. http://127.0.0.1:30000)")
     if args.engine == "local" and not args.model:
         raise InputError("--engine local needs --model (a model directory)")
-    limits = ServerLimits(max_concurrency=args.max_concurrency,
+    limits = ServerLimits(max_concurrency=args.max_concurrency, max_queue=args.max_queue,
                           request_timeout_s=args.request_timeout, max_tokens=args.max_tokens)
-    serve(args.engine, args.engine_url, args.model, args.host, args.port, limits,
-          token=os.environ.get("APR_API_TOKEN") or None)
+    token = os.environ.get("APR_API_TOKEN") or None
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as e:
+            raise InputError(f"--token-file {args.token_file}: {e.strerror}") from None
+        if not token:
+            raise InputError(f"--token-file {args.token_file} is empty")
+    serve(args.engine, args.engine_url, args.model, args.host, args.port, limits, token=token)
     return 0
 
 
@@ -243,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True, help="s3://bucket[/prefix] or a local directory")
     p.add_argument("--name", default="apr-countdown")
     p.add_argument("--version", required=True)
+    p.add_argument("--replace", action="store_true",
+                   help="publish over an existing version (versions are immutable otherwise)")
     p.set_defaults(run=_publish)
 
     p = stages.add_parser("pull", help="download a published artifact (checked against its manifest)")
@@ -285,8 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-concurrency", type=int, default=64, help="solves decoded at once")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="solves waiting for a slot; beyond it a 429 (Retry-After)")
     p.add_argument("--request-timeout", type=float, default=120.0, help="seconds per solve")
     p.add_argument("--max-tokens", type=int, default=4096, help="context window of each thread")
+    p.add_argument("--token-file", help="require `Authorization: Bearer <token>` with the token "
+                   "in this file (a mounted Secret); default: $APR_API_TOKEN, else no auth")
     p.set_defaults(run=_serve)
 
     p = stages.add_parser("engine", help="generation engines (serve the SGLang-compatible API)")

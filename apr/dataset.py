@@ -32,10 +32,34 @@ def load_problems(problems: str | Path, split: str, limit: int) -> list[dict]:
     if not path.is_file():
         raise DataError(f"no problems at {path}: pass an `apr datagen` output or a problems JSONL")
     with open(path) as f:
-        rows = [json.loads(line) for line, _ in zip(f, range(limit))]
+        rows = [_problem(line, path, number) for number, (line, _) in
+                enumerate(zip(f, range(limit)), 1)]
     if not rows:
         raise DataError(f"{path} holds no problems")
     return rows
+
+
+def _problem(line: str, path: Path, number: int) -> dict:
+    """One problem line, checked: `nums` a list of 2 or more positive integers, `target` a
+    positive integer (a string of numbers or a null target is an error, never scored)."""
+    where = f"{path}, line {number}"
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object with nums and target")
+    nums, target = row.get("nums"), row.get("target")
+    if not (isinstance(nums, list) and len(nums) >= 2 and all(_positive_int(n) for n in nums)):
+        raise DataError(f"{where}: nums must be a list of 2 or more positive integers, "
+                        f"not {nums!r:.60}")
+    if not _positive_int(target):
+        raise DataError(f"{where}: target must be a positive integer, not {target!r:.60}")
+    return row
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def shard_paths(data_dir: str | Path, kind: str, split: str) -> list[Path]:

@@ -65,7 +65,8 @@ def build(cluster: bool = True):
                      sft_overrides: list = [], grpo_overrides: list = [],
                      evaluate_overrides: list = [],
                      store: str = "s3://apr-models", model_name: str = "apr-countdown",
-                     model_version: str = "v1", s3_endpoint: str = S3_ENDPOINT,
+                     model_version: str = "v1", replace_model: bool = False,
+                     s3_endpoint: str = S3_ENDPOINT,
                      image: str = APR_IMAGE, train_image: str = TRAIN_IMAGE,
                      sglang_image: str = SGLANG_IMAGE, namespace: str = "kubeflow",
                      grpo_timeout_s: float = 0.0):
@@ -100,8 +101,8 @@ def build(cluster: bool = True):
                          sos_results=evaluations["sos"].outputs["results"]
                          ).set_display_name("APR vs SoS+ report")
         published = publish(model=models["apr"].outputs["model"], store=store, name=model_name,
-                             version=model_version, s3_endpoint=s3_endpoint
-                             ).set_display_name("publish model")
+                             version=model_version, s3_endpoint=s3_endpoint,
+                             replace=replace_model).set_display_name("publish model")
         published.after(report)
         if cluster:
             for task in (data, report, published):

@@ -129,9 +129,9 @@ def test_concurrent_requests_share_one_batch(engine, monkeypatch):
     batches = []
     original = engine.decode
 
-    def spy(rows):
+    def spy(rows, abandoned=()):
         batches.append(len(rows))
-        return original(rows)
+        return original(rows, abandoned)
 
     monkeypatch.setattr(engine, "decode", spy)
 
@@ -314,3 +314,24 @@ def test_logprobs_of_a_padded_batch_are_each_rows_own(model_dir, batching):
         with torch.no_grad():
             ours = token_logprobs(engine.model, ids, 0.7)[0, len(prompt_ids) - 1:]
         assert torch.allclose(ours, torch.tensor(out.logprobs), atol=1e-4)
+
+
+def test_a_request_nobody_waits_for_leaves_the_batch(model_dir):
+    """A timed-out solve once kept its rows decoding to their limit, for nobody, ahead of
+    every later request."""
+    engine = LocalEngine(model_dir, batching="shrink")
+    long = Sampling(max_new_tokens=400, temperature=0.0)
+    kept_sampling = Sampling(max_new_tokens=40, temperature=0.0)
+
+    async def scenario():
+        given_up = asyncio.create_task(asyncio.wait_for(engine.generate([PROMPT] * 2, long), 0.3))
+        kept = asyncio.create_task(engine.generate([PROMPT], kept_sampling))
+        with pytest.raises(asyncio.TimeoutError):
+            await given_up
+        return await kept
+
+    (kept,) = asyncio.run(scenario())
+    assert engine.stats.abandoned_rows == 2
+    assert engine.stats.row_steps < 2 * 400  # the abandoned rows stopped early
+    alone = engine.decode([(PROMPT, kept_sampling)])[0]
+    assert kept.token_ids == alone.token_ids

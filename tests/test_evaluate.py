@@ -151,3 +151,22 @@ def test_out_that_holds_something_else_is_refused_before_any_work(dataset, tmp_p
     assert main([*args, "--out", str(tmp_path / "eval"), "--set", "max_problems=2"]) == 0
     rows = (tmp_path / "eval" / "results.jsonl").read_text().splitlines()
     assert len(rows) == 2 * 2  # the second evaluation's rows (2 problems, apr and sos)
+
+
+@pytest.mark.parametrize("line, says", [
+    ('{"nums": "5,50,79", "target": 10}', "nums must be a list"),
+    ('{"nums": [5, 50], "target": null}', "target must be a positive integer"),
+    ('{"nums": [5, true], "target": 10}', "nums must be a list"),
+    ('{"nums": [5, 50], "target": "10"}', "target must be a positive integer"),
+    ('{"nums": [5], "target": 10}', "nums must be a list"),
+    ("[5, 50, 10]", "expected an object"),
+    ("{nums", "not JSON"),
+])
+def test_a_malformed_problem_is_an_error_naming_its_line_never_scored(tmp_path, line, says):
+    from apr.dataset import DataError, load_problems
+
+    path = tmp_path / "val.jsonl"
+    path.write_text('{"nums": [3, 8, 2], "target": 24}\n' + line + "\n")
+    with pytest.raises(DataError, match=f"line 2: {says}"):
+        load_problems(path, "val", 10)
+    assert load_problems(path, "val", 1) == [{"nums": [3, 8, 2], "target": 24}]

@@ -210,7 +210,7 @@ USER 10001
 def test_pin_check_finds_what_is_not_pinned(extra, base, expected):
     constraints = "transformers==5.23.0\nnumpy==2.4.6\nhttpx==0.28.1\nfastapi==0.165.0\n" \
                   "uvicorn==0.54.0\nprometheus-client==0.26.0\nPyYAML==6.0.3\ntqdm==4.70.1\n" \
-                  "tokenizers==0.23.3\n"
+                  "tokenizers==0.23.3\nstarlette==1.10.0\n"
     problems = pin_problems(SYNTHETIC.format(extra=extra, base=base), constraints)
     assert len(problems) == len(expected), problems
     for problem, start in zip(problems, expected):
@@ -220,12 +220,12 @@ def test_pin_check_finds_what_is_not_pinned(extra, base, expected):
 def test_pin_check_follows_the_project_requirements_and_the_constraints_file():
     text = SYNTHETIC.format(extra='".[serve]"', base="python:3.11.10-slim-bookworm")
     without = "transformers==5.23.0\nfastapi==0.165.0\nuvicorn==0.54.0\nhttpx==0.28.1\n" \
-              "PyYAML==6.0.3\ntqdm==4.70.1\ntokenizers==0.23.3\n"
+              "PyYAML==6.0.3\ntqdm==4.70.1\ntokenizers==0.23.3\nstarlette==1.10.0\n"
     assert pin_problems(text, without) == [
         "prometheus-client>=0.20 (from pip install .[serve]) is not pinned"]
     unconstrained = text.replace("--constraint constraints.txt ", "")
     # Without the constraints file: the 3 base requirements of each of .[hf] and .[serve],
-    # hf's 1 and serve's 4.
-    assert len(pin_problems(unconstrained, without)) == 11
+    # hf's 1 and serve's 5.
+    assert len(pin_problems(unconstrained, without)) == 12
     elsewhere = text.replace("--constraint constraints.txt", "--constraint /tmp/other.txt")
     assert pin_problems(elsewhere, without)[0].startswith("constraints file /tmp/other.txt")

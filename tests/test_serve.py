@@ -135,6 +135,15 @@ def test_a_handler_failure_is_a_clean_500_with_its_traceback_logged(caplog):
     ({"nums": [1, 2], "target": 5, "temperature": 9}, "temperature"),
     ({"nums": "1,2", "target": 5}, "nums"),
     ({"target": 5}, "nums"),
+    # strict types: nothing is coerced into a number or a flag it was not
+    ({"nums": [1, 2], "target": True}, "target"),
+    ({"nums": [1, 2], "target": "5_0"}, "target"),
+    ({"nums": [1, 2], "target": 5.0}, "target"),
+    ({"nums": ["3", 2], "target": 5}, "nums"),
+    ({"nums": [1, 2], "target": 5, "trace": "yes"}, "trace"),
+    # a sampling temperature of almost 0 is a division by almost 0 in the engine
+    ({"nums": [1, 2], "target": 5, "temperature": 1e-30}, "temperature"),
+    ({"nums": [1, 2], "target": 5, "temprature": 0.5}, "temprature"),
 ])
 def test_bad_input_is_a_4xx_that_names_the_field(corpus, body, field):
     answer = client_for(OracleEngine(corpus)).post("/v1/solve", json=body)
@@ -157,6 +166,38 @@ def test_bearer_token_is_required_when_configured(corpus, solved):
     assert client.post("/v1/solve", json=body, headers={"authorization": "Bearer nope"}).status_code == 401
     ok = client.post("/v1/solve", json=body, headers={"authorization": "Bearer s3cret"})
     assert ok.status_code == 200
+    # the scheme is case-insensitive (RFC 9110)
+    assert client.post("/v1/solve", json=body,
+                       headers={"authorization": "bearer s3cret"}).status_code == 200
+    # checked before the request is read: a stranger learns nothing about the API's fields
+    stranger = client.post("/v1/solve", json={"nums": "x"})
+    assert stranger.status_code == 401 and "nums" not in stranger.text
+    for path in ("/docs", "/openapi.json", "/redoc"):
+        assert client.get(path).status_code == 401, path
+    for path in ("/healthz", "/readyz", "/metrics"):  # kubelet's probes, Prometheus
+        assert client.get(path).status_code == 200, path
+
+
+def test_a_chunked_body_over_the_limit_is_refused(corpus):
+    """Without a Content-Length the limit once went unchecked (300 MB were read)."""
+    client = client_for(OracleEngine(corpus), limits=ServerLimits(max_body_bytes=100))
+
+    def chunks():
+        yield b'{"nums": [1, 2], "target": 3, "pad": "'
+        for _ in range(50):
+            yield b"x" * 100
+        yield b'"}'
+
+    answer = client.post("/v1/solve", content=chunks(), headers={"content-type": "application/json"})
+    assert answer.status_code == 413 and answer.json()["kind"] == "body_too_large"
+
+
+def test_the_token_file_flag_gives_a_clear_error(tmp_path, capsys):
+    from apr import cli
+
+    assert cli.main(["serve", "--engine", "local", "--model", str(tmp_path),
+                     "--token-file", str(tmp_path / "missing")]) == 2
+    assert "--token-file" in capsys.readouterr().err
 
 
 class Flaky:
@@ -355,3 +396,46 @@ def test_prometheus_scrapes_the_server_and_sees_its_latency(corpus, tmp_path):
         prom.wait(timeout=10)
         server.should_exit = True
         thread.join(timeout=10)
+
+
+class Held:
+    """An engine whose answers wait until the test lets them go."""
+
+    def __init__(self, inner):
+        self.inner, self.go = inner, asyncio.Event()
+
+    async def generate(self, prompts, sampling):
+        await self.go.wait()
+        return await self.inner.generate(prompts, sampling)
+
+    async def ready(self):
+        return True
+
+    async def close(self):
+        pass
+
+
+def test_a_full_server_says_429_and_the_timeout_counts_the_wait_for_a_slot(corpus, solved):
+    engine = Held(OracleEngine(corpus))
+    app = create_app(engine, ServerLimits(max_concurrency=1, max_queue=1, request_timeout_s=1.0))
+    body = {"nums": solved["nums"], "target": solved["target"]}
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://apr") as client:
+            running = asyncio.create_task(client.post("/v1/solve", json=body))
+            await asyncio.sleep(0.1)
+            queued = asyncio.create_task(client.post("/v1/solve", json=body))
+            await asyncio.sleep(0.1)
+            refused = await client.post("/v1/solve", json=body)
+            started = time.perf_counter()
+            waited = await queued  # never got the slot: its deadline passed while it waited
+            waited_s = time.perf_counter() - started
+            engine.go.set()
+            return refused, waited, waited_s, await running
+
+    refused, waited, waited_s, running = asyncio.run(scenario())
+    assert refused.status_code == 429 and refused.json()["kind"] == "overloaded"
+    assert refused.headers["retry-after"] == "1"
+    assert waited.status_code == 504 and waited_s < 5
+    assert running.status_code == 504  # held past its own deadline too

@@ -291,3 +291,18 @@ def test_torchrun_ddp_matches_one_process_with_the_same_global_batch(dataset, tm
                     "--out", str(tmp_path / "two"), *common], check=True, env=env, cwd=ROOT,
                    capture_output=True)
     np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-4)
+
+
+def test_the_tokenized_cache_is_never_reused_for_other_data(dataset, tmp_path):
+    """A run directory's cache once served `--data other` the old data's sequences."""
+    from apr.stages.sft import prepare_data
+
+    other = make_dataset(tmp_path / "other", train=6, val=4, seed=11, chunk=6)
+    cache = tmp_path / "run" / "data"
+    first, _ = prepare_data(tiny(), dataset, cache, main=True)
+    second, _ = prepare_data(tiny(), other, cache, main=True)
+    fresh, _ = prepare_data(tiny(), other, tmp_path / "fresh-cache", main=True)
+    assert len(second) == len(fresh) != len(first)
+    assert (second.lengths == fresh.lengths).all()
+    again, _ = prepare_data(tiny(), dataset, cache, main=True)  # the first data's cache, reused
+    assert (again.lengths == first.lengths).all()

@@ -124,9 +124,46 @@ def test_what_the_server_rejects_is_a_clear_client_error(server, tmp_path):
 
     with pytest.raises(EngineError, match="rejected"):
         run(_with_client(server.url, update))
+
     # ... and the server goes on serving, on its old weights and version
     assert generate(server.url, PROMPTS[:1], Sampling(max_new_tokens=2))[0].weight_version == "0"
     assert httpx.get(server.url + "/ready", timeout=10).status_code == 200
+
+
+def test_an_almost_zero_temperature_decodes_greedily(server):
+    """SGLang reads a temperature below 1e-6 as greedy; dividing logits by it would overflow."""
+    greedy = generate(server.url, PROMPTS, Sampling(max_new_tokens=12, temperature=0.0))
+    tiny = generate(server.url, PROMPTS, Sampling(max_new_tokens=12, temperature=1e-30))
+    assert [c.token_ids for c in tiny] == [c.token_ids for c in greedy]
+
+
+@pytest.mark.parametrize("kind", ["sglang", ENGINE_SERVE])
+def test_a_corrupt_weight_file_is_a_400_from_the_stand_in_and_kills_sglang(kind, model_dir,
+                                                                          tmp_path):
+    """Where the two differ, on purpose: SGLang's scheduler dies on a weight file it cannot
+    parse (0.5.23), the stand-in refuses it. Why the trainer writes its weights to a temporary
+    name and renames them: the server never sees a partial file."""
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (corrupt / name).write_bytes((model_dir / name).read_bytes())
+    (corrupt / "model.safetensors").write_bytes(b"not a safetensors file" * 10)
+    server = start_server(kind, model_dir, tmp_path)
+    try:
+        try:
+            answer = httpx.post(server.url + "/update_weights_from_disk",
+                                json={"model_path": str(corrupt), "weight_version": "9"},
+                                timeout=60)
+        except httpx.HTTPError:
+            answer = None
+        if kind == ENGINE_SERVE:
+            assert answer.status_code == 400 and answer.json()["success"] is False
+            assert httpx.get(server.url + "/ready", timeout=10).status_code == 200
+        else:
+            assert answer is None or answer.status_code >= 500
+            server.process.wait(30)  # the whole server goes down
+    finally:
+        server.stop()
 
 
 def test_health_generates_and_model_info_names_the_model(server, model_dir):
@@ -222,7 +259,9 @@ def test_grpo_rolls_out_on_sglang_and_syncs_its_weights_every_step(data, trained
     from apr.stages import grpo
 
     config = from_dict(grpo.GRPOConfig, {
-        "group_size": 4, "prompts_per_step": 2, "steps": 2, "lr": 1e-3, "context": 192,
+        # every training problem each step, and a small step: groups with a reward to learn
+        # from each step (a step where all rollouts score alike trains nothing, checks nothing)
+        "group_size": 4, "prompts_per_step": 4, "steps": 2, "lr": 1e-5, "context": 192,
         "tokens_per_batch": 4096, "val_every": 2, "val_problems": 2, "checkpoint_every": 1,
         "sidecar": "sglang", "sidecar_device": "cpu", "sidecar_python": sglang_python,
         "sidecar_startup_s": 300, "engine_timeout_s": 120})
@@ -232,10 +271,11 @@ def test_grpo_rolls_out_on_sglang_and_syncs_its_weights_every_step(data, trained
     assert "sglang" in (out / "sidecar.log").read_text().lower()  # SGLang served, not a stand-in
     rollouts = read_jsonl(out / "rollouts.jsonl")
     assert [(r["step"], r["weight_version"]) for r in rollouts] == \
-        [(0, "0")] * 8 + [(1, "1")] * 8  # each step's rollouts on the weights it was sent
+        [(0, "0")] * 16 + [(1, "1")] * 16  # each step's rollouts on the weights it was sent
     steps = [r for r in read_jsonl(out / "metrics.jsonl") if "reward" in r]
     assert len(steps) == 2
     for record in steps:
+        assert record["rows"] > 0, record
         # SGLang's log-probs of its own samples against the trainer's, same weights and tokens
         assert record["logprob_gap_unchecked_rows"] == 0
         assert isinstance(record["logprob_gap"], float) and record["logprob_gap"] < 1e-3, record

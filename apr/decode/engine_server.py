@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from dataclasses import replace
@@ -17,12 +18,14 @@ from typing import Any
 
 from fastapi import Body, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from safetensors import SafetensorError
 
 from apr.decode.engine import ABORT, Completion, Engine, Sampling
 from apr.decode.sglang import (
     CONTINUE_GENERATION,
     FLUSH_CACHE,
     GENERATE,
+    GREEDY_BELOW,
     HEALTH,
     HEALTH_GENERATE,
     MODEL_INFO,
@@ -60,8 +63,12 @@ def sampling_from_json(params: dict[str, Any] | None) -> Sampling:
                             top_p=float(params.get("top_p", 1.0)), stop=tuple(map(str, stop)))
     except (TypeError, ValueError) as e:
         raise BadRequest(f"bad sampling_params: {e}") from e
-    if sampling.max_new_tokens < 0 or sampling.temperature < 0 or not 0 < sampling.top_p <= 1:
-        raise BadRequest("max_new_tokens and temperature must be >= 0, top_p in (0, 1]")
+    if (sampling.max_new_tokens < 0 or not sampling.temperature >= 0
+            or not math.isfinite(sampling.temperature) or not 0 < sampling.top_p <= 1):
+        raise BadRequest("max_new_tokens and temperature must be >= 0 (temperature finite), "
+                         "top_p in (0, 1]")
+    if sampling.temperature < GREEDY_BELOW:  # as SGLang: greedy, never a division by ~0
+        sampling = replace(sampling, temperature=0.0)
     return sampling
 
 
@@ -195,7 +202,7 @@ def create_app(engine: Engine, model_path: str, served_name: str = "apr") -> Fas
         try:
             await asyncio.get_running_loop().run_in_executor(
                 None, load, body["model_path"], body.get("weight_version"))
-        except (OSError, RuntimeError, ValueError) as e:
+        except (OSError, RuntimeError, ValueError, SafetensorError) as e:  # the caller's files
             log.warning("weight update from %s failed: %s", body["model_path"], e)
             return JSONResponse({"success": False, "message": str(e), "num_paused_requests": 0},
                                 status_code=400)

@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from apr.decode.engine import BATCHING, LENGTH, STOP, Completion, Sampling, cut_at_stop
 
@@ -39,6 +39,7 @@ class DecodeStats:
     steps: int = 0  # decode steps, summed over batches
     row_steps: int = 0  # rows decoded, summed over steps: padding rows included with `generate`
     busy_s: float = 0.0  # seconds decoding (and in `generate`'s log-prob pass)
+    abandoned_rows: int = 0  # rows dropped mid-batch: their callers had gone
 
 
 @dataclass
@@ -122,9 +123,13 @@ class LocalEngine:
 
     def _decode_group(self, group: list[_Request]) -> list[list[Completion]]:
         rows = [(p, r.sampling) for r in group for p in r.prompts]
+        # a request whose caller went away (a timeout, a client gone) cancels its future:
+        # its rows leave the batch at the next step instead of decoding for nobody
+        abandoned = [r.future.cancelled for r in group for _ in r.prompts]
         flat: list[Completion] = []
         for start in range(0, len(rows), self.max_batch):
-            flat.extend(self.decode(rows[start:start + self.max_batch]))
+            flat.extend(self.decode(rows[start:start + self.max_batch],
+                                    abandoned[start:start + self.max_batch]))
         out, k = [], 0
         for r in group:
             out.append(flat[k:k + len(r.prompts)])
@@ -132,8 +137,10 @@ class LocalEngine:
         return out
 
     # --- the batch itself ------------------------------------------------------------------
-    def decode(self, rows: list[tuple[str, Sampling]]) -> list[Completion]:
-        """One batch of rows that share temperature, top_p and stop strings."""
+    def decode(self, rows: list[tuple[str, Sampling]],
+               abandoned: Sequence[Callable[[], bool]] = ()) -> list[Completion]:
+        """One batch of rows that share temperature, top_p and stop strings. `abandoned[i]()`
+        true: nobody waits for row i any more (the shrinking loop drops it)."""
         import torch
 
         sampling = rows[0][1]
@@ -142,8 +149,10 @@ class LocalEngine:
             batch = {k: v.to(self.device) for k, v in batch.items()}
             started = time.perf_counter()
             with torch.inference_mode():
-                decode = self._shrinking if self.batching == "shrink" else self._generate
-                generated, logprobs = decode(batch, rows, sampling)
+                if self.batching == "shrink":
+                    generated, logprobs = self._shrinking(batch, rows, sampling, abandoned)
+                else:
+                    generated, logprobs = self._generate(batch, rows, sampling)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             self.stats.busy_s += time.perf_counter() - started
@@ -154,7 +163,8 @@ class LocalEngine:
                                  logprobs[i] if logprobs is not None and s.logprobs else None)
                 for i, (_, s) in enumerate(rows)]
 
-    def _shrinking(self, batch: dict, rows: list[tuple[str, Sampling]], sampling: Sampling
+    def _shrinking(self, batch: dict, rows: list[tuple[str, Sampling]], sampling: Sampling,
+                   abandoned: Sequence[Callable[[], bool]] = ()
                    ) -> tuple[list[list[int]], list[list[float]] | None]:
         """Decodes with rows leaving the batch as they end; each row's ids (and log-probs)."""
         import torch
@@ -205,6 +215,11 @@ class LocalEngine:
             ended = (token == self.tokenizer.eos_token_id) | (limits[alive] <= step)
             if stop is not None:
                 ended |= stop(seq, None)
+            if abandoned:
+                gone = [abandoned[i]() for i in alive.tolist()]
+                if any(gone):
+                    ended |= torch.tensor(gone, device=self.device)
+                    self.stats.abandoned_rows += sum(gone)
             if bool(ended.all()):
                 break
             if bool(ended.any()):

@@ -33,6 +33,9 @@ PAUSE_GENERATION = "/pause_generation"
 CONTINUE_GENERATION = "/continue_generation"
 UPDATE_WEIGHTS_FROM_DISK = "/update_weights_from_disk"
 
+# SGLang decodes greedily below this temperature (`sampling_params.py`: top_k = 1).
+GREEDY_BELOW = 1e-6
+
 # The sampling_params keys this project sends (all of them, every time: SGLang's
 # max_new_tokens default of 128 would silently cut threads).
 SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "stop", "skip_special_tokens",

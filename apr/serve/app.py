@@ -6,6 +6,11 @@ so until the engine answers again); a request that takes too long gets a 504; no
 request does brings the server down. Any other failure is a 500 with a clean body and its
 traceback in the log. The wire structures are in `apr.serve.protocol`; this module only
 translates.
+
+With a token (`apr serve --token-file`, or APR_API_TOKEN) every path but the probes and the
+metrics (`/healthz`, `/readyz`, `/metrics`: kubelet and Prometheus) needs
+`Authorization: Bearer <token>`, checked before anything else about the request. Bodies are
+limited in size however they are sent (Content-Length or chunked).
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from apr import __version__
 from apr.decode.engine import Engine, EngineError, Sampling
-from apr.decode.runtime import ROLE, Budgets, solve_apr
+from apr.decode.runtime import ROLE, Budgets, Solve, solve_apr
 from apr.serve.metrics import Metrics
 from apr.serve.protocol import ErrorResponse, ServerLimits, SolveRequest, SolveResponse
 
@@ -63,9 +70,21 @@ async def _ready(engine: Engine) -> bool:
         return False
 
 
-def _problem(message: str, status: int, kind: str, metrics: Metrics) -> JSONResponse:
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scraping
+
+
+def authorized(header: str, token: str) -> bool:
+    """`Bearer <token>`, the scheme in any case (RFC 9110), compared in constant time."""
+    scheme, _, given = header.strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(),
+                                                              token.encode())
+
+
+def _problem(message: str, status: int, kind: str, metrics: Metrics,
+             headers: dict[str, str] | None = None) -> JSONResponse:
     metrics.errors.labels(kind).inc()
-    return JSONResponse(ErrorResponse(error=message, kind=kind).model_dump(), status_code=status)
+    return JSONResponse(ErrorResponse(error=message, kind=kind).model_dump(), status_code=status,
+                        headers=headers)
 
 
 def create_app(engine: Engine, limits: ServerLimits = ServerLimits(), token: str | None = None,
@@ -73,6 +92,7 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits(), token: str
     metrics = metrics or Metrics()
     engine = InstrumentedEngine(engine, metrics)
     gate = asyncio.Semaphore(limits.max_concurrency)
+    waiting = {"n": 0}  # solves waiting for a slot of `gate`
     app = FastAPI(title="APR server", version=__version__,
                   description="Adaptive Parallel Reasoning on Countdown: spawn/join decoding.")
     app.state.metrics = metrics
@@ -80,6 +100,9 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits(), token: str
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
+        if token is not None and request.url.path not in OPEN_PATHS and \
+                not authorized(request.headers.get("authorization", ""), token):
+            return _problem("missing or wrong bearer token", 401, "unauthorized", metrics)
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
             return _problem(f"request body over {limits.max_body_bytes} bytes", 413,
@@ -91,6 +114,17 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits(), token: str
             log.exception("%s %s failed", request.method, request.url.path)
             return _problem("internal error", 500, "internal", metrics)
 
+    # a chunked body has no Content-Length: this counts what arrives
+    app.add_middleware(RequestBodyLimitMiddleware, max_body_size=limits.max_body_bytes)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, error: HTTPException):
+        if error.status_code == 413:
+            return _problem(f"request body over {limits.max_body_bytes} bytes", 413,
+                            "body_too_large", metrics)
+        kind = "not_found" if error.status_code == 404 else "bad_request"
+        return _problem(str(error.detail), error.status_code, kind, metrics)
+
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, error: RequestValidationError):
         fields = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: "
@@ -99,26 +133,36 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits(), token: str
 
     @app.post("/v1/solve", response_model=SolveResponse)
     async def solve(body: SolveRequest, request: Request):
-        if token is not None:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                return _problem("missing or wrong bearer token", 401, "unauthorized", metrics)
         problem = body.problem(limits)
         if problem is not None:
             return _problem(problem, 422, "bad_request", metrics)
         budgets = Budgets(context=body.max_tokens or limits.max_tokens,
                           sub_call_budget=body.budget or 0)
+        if waiting["n"] >= limits.max_queue:
+            return _problem(f"the server is at capacity ({limits.max_concurrency} solves and "
+                            f"{limits.max_queue} waiting); retry later", 429, "overloaded",
+                            metrics, headers={"Retry-After": "1"})
         started = time.perf_counter()
+
+        async def gated() -> Solve:
+            waiting["n"] += 1
+            try:
+                await gate.acquire()
+            finally:
+                waiting["n"] -= 1
+            try:
+                return await solve_apr(engine, body.nums, body.target, budgets, body.temperature)
+            finally:
+                gate.release()
+
         metrics.in_flight.inc()
         try:
             # A paused SGLang (a weight update) holds new requests until it continues, and
             # aborts those in flight: say 503 now rather than a 504 later.
             if not await _ready(engine):
                 raise EngineError("the engine is not ready")
-            async with gate:
-                result = await asyncio.wait_for(
-                    solve_apr(engine, body.nums, body.target, budgets, body.temperature),
-                    limits.request_timeout_s)
+            # the time waiting for a slot counts: a client's deadline does not care why
+            result = await asyncio.wait_for(gated(), limits.request_timeout_s)
         except EngineError as e:
             metrics.engine_up.set(0)
             log.warning("engine unavailable, answering 503: %s", e)  # the reason stays here

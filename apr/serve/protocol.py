@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from apr.decode.runtime import Solve
 
@@ -22,16 +22,25 @@ class ServerLimits:
     max_budget: int = 64  # `Sub Call Budget` conditioning
     max_tokens: int = 4096  # a thread's context window
     max_concurrency: int = 64  # solves decoded at once (they share engine batches)
-    request_timeout_s: float = 120.0
+    max_queue: int = 256  # solves waiting for one of those slots; beyond it a 429
+    request_timeout_s: float = 120.0  # from arrival: waiting for a slot counts
     max_body_bytes: int = 16 * 1024
 
 
+MIN_TEMPERATURE = 0.01  # below it (but above 0) sampling divides by ~0: decode greedily instead
+
+
 class SolveRequest(BaseModel):
+    # Strict: `"target": true` or `"5_0"` is a 422, never solved as 1 or 50; an unknown field
+    # (a misspelt `temprature`) is a 422, never silently ignored.
+    model_config = ConfigDict(strict=True, extra="forbid")
+
     nums: list[int] = Field(description="the starting numbers (2 to 6 of them)")
     target: int = Field(description="the number to reach")
     budget: int | None = Field(default=None, description="ask for at most N child threads "
                                "(`Sub Call Budget: N `); the model must have been trained with it")
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0 decodes greedily")
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, allow_inf_nan=False,
+                               description=f"0 decodes greedily; else {MIN_TEMPERATURE} to 2")
     max_tokens: int | None = Field(default=None, description="context window of each thread")
     trace: bool = Field(default=False, description="return every thread's prompt and text")
 
@@ -41,6 +50,13 @@ class SolveRequest(BaseModel):
         if len(nums) < 2:
             raise ValueError("give at least 2 numbers")
         return nums
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_or_sampled(cls, temperature: float) -> float:
+        if 0 < temperature < MIN_TEMPERATURE:
+            raise ValueError(f"use 0 (greedy) or at least {MIN_TEMPERATURE}")
+        return temperature
 
     def problem(self, limits: ServerLimits) -> str | None:
         """What is outside `limits`, as `field: what to fix`; None when nothing is."""

@@ -1,7 +1,10 @@
 """The publish stage: a trained model directory to `<store>/models/<name>/<version>/`.
 
 The store is an `s3://bucket[/prefix]` URI (MinIO, where the Helm chart's init container pulls
-from) or a local directory. The model appears complete only when its manifest is written.
+from) or a local directory. The model appears complete only when its manifest is written. A
+published version is immutable: publishing it again is refused unless `replace` is asked for
+(then it is incomplete while the new files go up), so a server pulling `v1` always gets the
+model that was first published as `v1`.
 """
 
 from __future__ import annotations
@@ -19,14 +22,22 @@ def model_uri(store: str, name: str, version: str) -> str:
     for key, value in (("name", name), ("version", version)):
         if not _NAME.match(value):
             raise InputError(f"model {key} {value!r}: use lowercase letters, digits, '.', '_', '-'")
-    return f"{str(store).rstrip('/')}/models/{name}/{version}"
+    store = str(store)
+    if store.lower().startswith("s3:"):  # never a local folder named `s3:`
+        storage.split_uri(store)  # says what is wrong with it: s3://bucket[/prefix]
+    elif not store:
+        raise InputError("the store is empty: give s3://bucket[/prefix] or a local directory")
+    return f"{store.rstrip('/')}/models/{name}/{version}"
 
 
 def run(model_dir: str | Path, store: str, name: str, version: str,
-        settings: storage.S3Settings | None = None) -> str:
+        settings: storage.S3Settings | None = None, replace: bool = False) -> str:
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
         raise InputError(f"{model_dir} is not a saved model (config.json, model.safetensors)")
     uri = model_uri(store, name, version)
+    if not replace and storage.is_complete(uri, settings):
+        raise InputError(f"{uri} is already published and versions are immutable: publish a "
+                         "new version, or replace this one on purpose (--replace)")
     storage.upload(model_dir, uri, settings)
     return uri

@@ -25,7 +25,7 @@ import numpy as np
 from apr import model as model_lib
 from apr.config import check, check_choice, check_range, dump, option
 from apr.countdown.threads import STYLES
-from apr.dataset import DataError, check_tokenizer
+from apr.dataset import DataError, check_tokenizer, shard_paths
 from apr.train import distributed
 from apr.train.checkpoints import (
     latest_checkpoint,
@@ -192,7 +192,8 @@ def prepare_data(config: SFTConfig, data_dir: Path, cache: Path, main: bool
     check_tokenizer(data_dir)
     out = []
     for split in ("train", "val"):
-        path = cache / f"{config.traces}-{config.keep}-{config.context}-{split}.npz"
+        key = _fingerprint(shard_paths(data_dir, config.traces, split))
+        path = cache / f"{config.traces}-{config.keep}-{config.context}-{split}-{key}.npz"
         if not path.is_file():
             seqs = load_sequences(data_dir, config.traces, split, config.keep, config.context)
             if main:
@@ -205,6 +206,18 @@ def prepare_data(config: SFTConfig, data_dir: Path, cache: Path, main: bool
                             f"(dropped {seqs.dropped}) under {data_dir}")
         out.append(seqs)
     return out[0], out[1]
+
+
+def _fingerprint(paths: list[Path]) -> str:
+    """Which trace files (resolved name, size, modification time): the tokenized cache is
+    reused only for the very data it was made from, never for another --data."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in paths:
+        stat = path.stat()
+        digest.update(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 @dataclass
