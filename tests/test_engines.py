@@ -316,6 +316,7 @@ def test_logprobs_of_a_padded_batch_are_each_rows_own(model_dir, batching):
         assert torch.allclose(ours, torch.tensor(out.logprobs), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_request_nobody_waits_for_leaves_the_batch(model_dir):
     """A timed-out solve once kept its rows decoding to their limit, for nobody, ahead of
     every later request."""

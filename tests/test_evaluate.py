@@ -136,6 +136,7 @@ def test_bad_evaluation_configs_name_the_key():
         load(EvalConfig, None, "evaluate", ["total_token_limits=[2048, 0]"])
 
 
+@pytest.mark.slow
 def test_out_that_holds_something_else_is_refused_before_any_work(dataset, tmp_path):
     """`--out` never deletes what evaluate did not write; an earlier evaluation is replaced."""
     from apr.cli import main

@@ -338,6 +338,7 @@ class Sleepy:
 
 
 
+@pytest.mark.slow
 def test_prometheus_scrapes_the_server_and_sees_its_latency(corpus, tmp_path):
     binary = shutil.which("prometheus")
     if binary is None:
@@ -398,23 +399,19 @@ def test_prometheus_scrapes_the_server_and_sees_its_latency(corpus, tmp_path):
         thread.join(timeout=10)
 
 
-class Held:
+class Held(Recording):
     """An engine whose answers wait until the test lets them go."""
 
     def __init__(self, inner):
-        self.inner, self.go = inner, asyncio.Event()
+        super().__init__(inner)
+        self.go = asyncio.Event()
 
     async def generate(self, prompts, sampling):
         await self.go.wait()
-        return await self.inner.generate(prompts, sampling)
-
-    async def ready(self):
-        return True
-
-    async def close(self):
-        pass
+        return await super().generate(prompts, sampling)
 
 
+@pytest.mark.slow
 def test_a_full_server_says_429_and_the_timeout_counts_the_wait_for_a_slot(corpus, solved):
     engine = Held(OracleEngine(corpus))
     app = create_app(engine, ServerLimits(max_concurrency=1, max_queue=1, request_timeout_s=1.0))

@@ -106,6 +106,7 @@ def test_segment_text_is_parent_writing_only(apr_corpus):
                 assert t.text.count("<Calling Sub Searches>") <= 1
 
 
+@pytest.mark.slow
 def test_sos_threads(sos_corpus):
     for item in sos_corpus[:600]:
         trace, p = item.trace, item.problem
