@@ -28,7 +28,12 @@ from pathlib import Path
 from apr.config import from_dict
 from apr.dataset import load_problems
 from apr.decode.local import LocalEngine
-from apr.decode.rollout_server import ENGINE_SERVE, SGLANG_PYTHON_ENV, RolloutServer
+from apr.decode.rollout_server import (
+    ENGINE_SERVE,
+    MAKE_SGLANG_PYTHON,
+    SGLANG_PYTHON_ENV,
+    RolloutServer,
+)
 from apr.decode.sglang import SGLangEngine
 from apr.stages.evaluate import EvalConfig, evaluate
 
@@ -75,7 +80,7 @@ def main() -> None:
     parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
     parser.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
     parser.add_argument("--sglang-python", default=os.environ.get(SGLANG_PYTHON_ENV) or
-                        ".venv-sglang/bin/sglang-python", help="SGLang's interpreter")
+                        MAKE_SGLANG_PYTHON, help="SGLang's interpreter")
     args = parser.parse_args()
     if "sglang" in args.engines and not Path(args.sglang_python).is_file():
         parser.error(f"no SGLang at {args.sglang_python}: run `make sglang` or drop sglang "

@@ -182,9 +182,9 @@ REPO = Path(__file__).resolve().parent.parent
 def sglang_python_or_skip() -> str:
     """The interpreter of the SGLang environment: $APR_SGLANG_PYTHON, else the one `make
     sglang` builds. Without it the SGLang tests skip, or fail with APR_REQUIRE_TOOLS=1 (CI)."""
-    from apr.decode.rollout_server import SGLANG_PYTHON_ENV
+    from apr.decode.rollout_server import MAKE_SGLANG_PYTHON, SGLANG_PYTHON_ENV
 
-    python = os.environ.get(SGLANG_PYTHON_ENV) or str(REPO / ".venv-sglang/bin/sglang-python")
+    python = os.environ.get(SGLANG_PYTHON_ENV) or str(REPO / MAKE_SGLANG_PYTHON)
     if not Path(python).is_file():
         message = (f"real SGLang is not installed ({python} is missing): `make sglang` builds "
                    f"it, or set {SGLANG_PYTHON_ENV}")

@@ -77,7 +77,7 @@ def create_app(engine: Engine, model_path: str, served_name: str = "apr") -> Fas
     same behaviour suite runs against both: tests/test_sglang.py)."""
     app = FastAPI(title="apr engine (SGLang-compatible subset)")
     # `aborted` is replaced at each pause: requests in flight hold the one to watch
-    state = {"paused": False, "resumed": asyncio.Event(), "aborted": asyncio.Event(),
+    state = {"resumed": asyncio.Event(), "aborted": asyncio.Event(),
              "model_path": model_path, "served_name": served_name, "in_flight": 0}
     state["resumed"].set()
     health_timeout_s = float(os.environ.get("SGLANG_HEALTH_CHECK_TIMEOUT", 20))
@@ -162,7 +162,7 @@ def create_app(engine: Engine, model_path: str, served_name: str = "apr") -> Fas
 
     @app.get(READY)
     async def ready():
-        up = not state["paused"] and await engine.ready()
+        up = state["resumed"].is_set() and await engine.ready()  # 503 while paused
         return Response(status_code=200 if up else 503)
 
     @app.get(MODEL_INFO)
@@ -180,7 +180,6 @@ def create_app(engine: Engine, model_path: str, served_name: str = "apr") -> Fas
     async def pause(body: dict = Body(default={})):
         # New work waits. "abort" (SGLang's default) ends the requests in flight; the other
         # modes ("retract", "in_place") hold them in SGLang: here they finish.
-        state["paused"] = True
         state["resumed"].clear()
         if body.get("mode", "abort") == "abort":
             state["aborted"].set()
@@ -189,7 +188,6 @@ def create_app(engine: Engine, model_path: str, served_name: str = "apr") -> Fas
 
     @app.post(CONTINUE_GENERATION)
     async def resume(_: dict = Body(default={})):
-        state["paused"] = False
         state["resumed"].set()
         return {"message": "Generation continued successfully.", "status": "ok"}
 

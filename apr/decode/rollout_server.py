@@ -31,6 +31,7 @@ from apr.ports import free_port
 ENGINE_SERVE = "engine-serve"  # `apr engine serve`: SGLang's API over the local engine
 KINDS = ("auto", "sglang", ENGINE_SERVE)
 SGLANG_PYTHON_ENV = "APR_SGLANG_PYTHON"  # the interpreter of SGLang's environment
+MAKE_SGLANG_PYTHON = ".venv-sglang/bin/sglang-python"  # what `make sglang` builds (repo-relative)
 # SGLang sizes its KV cache from free memory: on a CPU that is most of the machine's RAM.
 CPU_KV_TOKENS = 32_768
 

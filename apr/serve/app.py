@@ -132,7 +132,7 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits(), token: str
         return _problem(f"invalid request: {fields}", 422, "bad_request", metrics)
 
     @app.post("/v1/solve", response_model=SolveResponse)
-    async def solve(body: SolveRequest, request: Request):
+    async def solve(body: SolveRequest):
         problem = body.problem(limits)
         if problem is not None:
             return _problem(problem, 422, "bad_request", metrics)
