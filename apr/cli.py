@@ -11,11 +11,59 @@ from typing import Sequence
 
 from apr.config import InputError, load
 from apr.decode.engine import BATCHING
+from apr.stages import CONFIGS
 from apr.storage import StorageError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 log = logging.getLogger("apr")
+
+
+def _port(text: str) -> int:
+    port = _int(text)
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (1 to 65535)")
+    return port
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        value = _int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        return value
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number of seconds")
+    return value
+
+
+def _device(text: str) -> str:
+    kind, _, index = text.partition(":")
+    if kind not in ("auto", "cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: auto, cpu, cuda or cuda:N")
+    return text
+
+
+def _http_url(text: str) -> str:
+    if text and not text.startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL "
+                                         "(e.g. http://127.0.0.1:30000)")
+    return text
 
 
 def _add_config_args(parser: argparse.ArgumentParser, progress: bool = True) -> None:
@@ -75,11 +123,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-# The stages with a config: module, config class (each module's SECTION names its section).
-CONFIGS = {"datagen": ("apr.stages.datagen", "DatagenConfig"),
-           "sft": ("apr.stages.sft", "SFTConfig"),
-           "grpo": ("apr.stages.grpo", "GRPOConfig"),
-           "evaluate": ("apr.stages.evaluate", "EvalConfig")}
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -133,6 +176,9 @@ def _pipeline(args: argparse.Namespace) -> int:
         print(yaml.safe_dump_all(rbac_manifests(args.namespace, args.service_account),
                                  sort_keys=False), end="")
     elif args.pipeline_command == "submit":
+        bad = [a for a in args.arg if "=" not in a]
+        if bad:
+            raise InputError(f"--arg {bad[0]!r}: give NAME=VALUE, e.g. --arg preset=gpu-small")
         run = pipeline.submit(args.host, dict(a.split("=", 1) for a in args.arg),
                               args.experiment, args.package)
         print(f"run {run.run_id} submitted to {args.host}")
@@ -157,8 +203,6 @@ def _serve(args: argparse.Namespace) -> int:
         raise InputError(f"--engine {args.engine} needs --engine-url (e.g. http://127.0.0.1:30000)")
     if args.engine == "local" and not args.model:
         raise InputError("--engine local needs --model (a model directory)")
-    limits = ServerLimits(max_concurrency=args.max_concurrency, max_queue=args.max_queue,
-                          request_timeout_s=args.request_timeout, max_tokens=args.max_tokens)
     token = os.environ.get("APR_API_TOKEN") or None
     if args.token_file:
         try:
@@ -167,7 +211,20 @@ def _serve(args: argparse.Namespace) -> int:
             raise InputError(f"--token-file {args.token_file}: {e.strerror}") from None
         if not token:
             raise InputError(f"--token-file {args.token_file} is empty")
-    serve(args.engine, args.engine_url, args.model, args.host, args.port, limits, token=token)
+    max_tokens = args.max_tokens or ServerLimits.max_tokens
+    if args.engine == "local":
+        from apr.model import positions
+
+        limit = positions(args.model)
+        if args.max_tokens is None:
+            max_tokens = limit
+        elif args.max_tokens > limit:
+            raise InputError(f"--max-tokens {args.max_tokens} is beyond the {limit} positions of "
+                             f"{args.model}: pass {limit} or less")
+    limits = ServerLimits(max_concurrency=args.max_concurrency, max_queue=args.max_queue,
+                          request_timeout_s=args.request_timeout, max_tokens=max_tokens)
+    serve(args.engine, args.engine_url, args.model, args.host, args.port, limits, token=token,
+          shutdown_timeout_s=args.shutdown_timeout)
     return 0
 
 
@@ -175,7 +232,8 @@ def _engine_serve(args: argparse.Namespace) -> int:
     from apr.decode.engine_server import serve
 
     serve(args.model, host=args.host, port=args.port, device=args.device,
-          max_batch=args.max_batch, weight_version=args.weight_version, batching=args.batching)
+          max_batch=args.max_batch, weight_version=args.weight_version, batching=args.batching,
+          shutdown_timeout_s=args.shutdown_timeout)
     return 0
 
 
@@ -290,15 +348,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="sglang", choices=["sglang", "local"],
                    help="sglang: the HTTP client of SGLang (or `apr engine serve`) at "
                         "--engine-url; local: the model in this process")
-    p.add_argument("--engine-url", default="", help="the SGLang (or `apr engine serve`) URL")
+    p.add_argument("--engine-url", default="", type=_http_url,
+                   help="the SGLang (or `apr engine serve`) URL")
     p.add_argument("--model", help="a model directory, for --engine local")
     p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-concurrency", type=int, default=64, help="solves decoded at once")
-    p.add_argument("--max-queue", type=int, default=256,
+    p.add_argument("--port", type=_port, default=8000)
+    p.add_argument("--max-concurrency", type=_at_least(1), default=64,
+                   help="solves decoded at once")
+    p.add_argument("--max-queue", type=_at_least(0), default=256,
                    help="solves waiting for a slot; beyond it a 429 (Retry-After)")
-    p.add_argument("--request-timeout", type=float, default=120.0, help="seconds per solve")
-    p.add_argument("--max-tokens", type=int, default=4096, help="context window of each thread")
+    p.add_argument("--request-timeout", type=_seconds, default=120.0, help="seconds per solve")
+    p.add_argument("--max-tokens", type=_at_least(16), default=None,
+                   help="context window of each thread (default: the model's positions with "
+                   "--engine local, else 4096)")
+    p.add_argument("--shutdown-timeout", type=_seconds, default=25.0,
+                   help="seconds requests get to finish after SIGTERM (keep it under the pod's "
+                   "terminationGracePeriodSeconds)")
     p.add_argument("--token-file", help="require `Authorization: Bearer <token>` with the token "
                    "in this file (a mounted Secret); default: $APR_API_TOKEN, else no auth")
     p.set_defaults(run=_serve)
@@ -308,12 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve = engine.add_parser("serve", help="SGLang's HTTP subset over the local engine")
     serve.add_argument("--model", required=True, help="a model directory (apr sft's model/)")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=30000)
-    serve.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    serve.add_argument("--max-batch", type=int, default=64, help="rows per decoding batch")
+    serve.add_argument("--port", type=_port, default=30000)
+    serve.add_argument("--device", default="auto", type=_device, help="auto, cpu, cuda or cuda:N")
+    serve.add_argument("--max-batch", type=_at_least(1), default=64, help="rows per decoding batch")
     serve.add_argument("--batching", default="auto", choices=BATCHING,
                        help="decode loop: shrink (rows leave the batch as they end; CPU default) "
                             "or generate (transformers' static cache; CUDA default)")
+    serve.add_argument("--shutdown-timeout", type=_seconds, default=25.0,
+                       help="seconds requests get to finish after SIGTERM")
     serve.add_argument("--weight-version", default="default",
                        help="the version reported for the weights loaded at start (as SGLang)")
     serve.set_defaults(run=_engine_serve)
@@ -346,6 +413,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (InputError, FileExistsError, FileNotFoundError, StorageError) as e:
         print(f"apr {args.stage}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the machine refused: a path under a file, no permission, a full disk
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"apr {args.stage}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
     except RuntimeError as e:  # a stage's own fault report (GRPOError, RolloutServerError, ...)
         if type(e).__module__.startswith("apr."):
             print(f"apr {args.stage}: error: {e}", file=sys.stderr)

@@ -8,7 +8,9 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -31,22 +33,36 @@ def load_problems(problems: str | Path, split: str, limit: int) -> list[dict]:
         path = problems_path(path, split)
     if not path.is_file():
         raise DataError(f"no problems at {path}: pass an `apr datagen` output or a problems JSONL")
-    with open(path) as f:
-        rows = [_problem(line, path, number) for number, (line, _) in
-                enumerate(zip(f, range(limit)), 1)]
+    rows = [_problem(row, where) for where, row in itertools.islice(json_lines(path), limit)]
     if not rows:
         raise DataError(f"{path} holds no problems")
     return rows
 
 
-def _problem(line: str, path: Path, number: int) -> dict:
-    """One problem line, checked: `nums` a list of 2 or more positive integers, `target` a
-    positive integer (a string of numbers or a null target is an error, never scored)."""
-    where = f"{path}, line {number}"
+def json_lines(path: Path) -> Iterator[tuple[str, object]]:
+    """(where, value) for each non-blank line of a plain or gzip JSONL file; a truncated or
+    corrupt file is a DataError naming the line, never a traceback."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    number = 0
     try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not JSON ({e.msg})") from None
+        with opener(path, "rt") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}, line {number}: not JSON ({e.msg}): is the file "
+                                    "truncated? regenerate it") from None
+                yield f"{path}, line {number}", value
+    except (EOFError, gzip.BadGzipFile, UnicodeDecodeError, zlib.error) as e:
+        raise DataError(f"{path}: unreadable after line {number} ({e}): is the file "
+                        "truncated? regenerate it") from None
+
+
+def _problem(row: object, where: str) -> dict:
+    """One problem, checked: `nums` a list of 2 or more positive integers, `target` a positive
+    integer (a string of numbers or a null target is an error, never scored)."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object with nums and target")
     nums, target = row.get("nums"), row.get("target")
@@ -75,10 +91,10 @@ def read_records(data_dir: str | Path, kind: str, split: str) -> Iterator[dict]:
         raise DataError(f"no {kind} trace shards for split {split!r} under "
                         f"{Path(data_dir) / 'traces' / kind}: is this an `apr datagen` output?")
     for path in paths:
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt") as f:
-            for line in f:
-                yield json.loads(line)
+        for where, record in json_lines(path):
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: expected a trace record (an object)")
+            yield record
 
 
 def check_tokenizer(data_dir: str | Path) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from apr import atomic
 from apr import tokenizer as domain_tokenizer
+from apr.config import InputError
 from apr.countdown.threads import STYLE_NAMES
 
 
@@ -149,14 +150,72 @@ def sampled_logprobs(logits, targets, temperature: float):
     return logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0]
 
 
+class ModelError(InputError):
+    """A model directory that cannot be loaded: a missing, truncated or corrupt file."""
+
+
+WEIGHTS = "model.safetensors"
+HINT = "point at a complete `model/` directory that `apr sft` or `apr grpo` writes"
+
+
+def check_directory(directory: str | Path) -> Path:
+    """The model directory, once its files are there and whole; else a ModelError naming
+    the file (before a loader deep in transformers fails with a traceback)."""
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise ModelError(f"{directory} is not a model directory (no config.json): {HINT}")
+    try:
+        json.loads((directory / "config.json").read_text())
+    except (ValueError, OSError) as e:
+        raise ModelError(f"{directory}/config.json is not readable JSON ({e}): {HINT}") from None
+    if not (directory / "tokenizer.json").is_file():
+        raise ModelError(f"{directory} has no tokenizer.json: {HINT}")
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        raise ModelError(f"{directory} has no {WEIGHTS}: {HINT}")
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), "pt") as f:  # reads and checks the header only
+            f.keys()
+    except (SafetensorError, OSError) as e:
+        raise ModelError(f"{weights} is truncated or corrupt ({e}): {HINT}") from None
+    return directory
+
+
+def positions(directory: str | Path) -> int:
+    """The longest sequence the model was built for (`max_position_embeddings`)."""
+    config = json.loads((check_directory(directory) / "config.json").read_text())
+    value = config.get("max_position_embeddings")
+    if not isinstance(value, int) or value < 1:
+        raise ModelError(f"{directory}/config.json has no max_position_embeddings: {HINT}")
+    return value
+
+
 def load(directory: str | Path, device: str = "cpu", dtype=None):
     """Load a saved model directory (safetensors only: nothing is unpickled)."""
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
-    directory = Path(directory)
-    if not (directory / "config.json").is_file():
-        raise FileNotFoundError(f"{directory} is not a model directory (no config.json): "
-                                "point at the `model/` directory that `apr sft` writes")
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, use_safetensors=True)
+    directory = check_directory(directory)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError, KeyError) as e:  # a config transformers cannot build from
+        raise ModelError(f"{directory}: cannot load the model ({_first_line(e)}): {HINT}") from None
     return model.to(device)
+
+
+def load_tokenizer(directory: str | Path):
+    """The model's tokenizer, through `AutoTokenizer` (as SGLang loads it)."""
+    from transformers import AutoTokenizer
+
+    directory = check_directory(directory)
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except Exception as e:  # noqa: BLE001 - `tokenizers` raises a bare Exception on bad JSON
+        raise ModelError(f"{directory}/tokenizer.json cannot be read ({_first_line(e)}): "
+                         f"{HINT}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

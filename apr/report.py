@@ -7,8 +7,10 @@ total-tokens plot also draws each setting's accuracy under a total-token budget 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from apr.config import InputError
 from apr.countdown.threads import APR, SOS, STYLE_NAMES
 
 PLOTS = {"context": "accuracy_vs_context.png", "tokens": "accuracy_vs_total_tokens.png",
@@ -214,16 +216,29 @@ def html(metrics: dict, directory: Path) -> str:
     return "\n".join(out) + "\n"
 
 
-def run_compare(apr_eval: str | Path, sos_eval: str | Path, out: str | Path) -> dict:
-    """The comparison report of two `apr evaluate` outputs (APR model, SoS+ model)."""
-    import json
+def _evaluation(directory: str | Path, flag: str) -> dict:
+    path = Path(directory) / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{flag} {directory} is not an `apr evaluate` output ({path}: "
+                         f"{getattr(e, 'strerror', None) or e})") from None
+    if not isinstance(metrics, dict) or "settings" not in metrics:
+        raise InputError(f"{flag} {directory} is not an `apr evaluate` output (no settings in "
+                         f"{path})")
+    return metrics
 
-    out = Path(out)
-    metrics = compare(json.loads((Path(apr_eval) / "metrics.json").read_text()),
-                      json.loads((Path(sos_eval) / "metrics.json").read_text()))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    write_plots(metrics, out)
-    write_report(metrics, out)
-    (out / "report.html").write_text(html(metrics, out))
+
+def run_compare(apr_eval: str | Path, sos_eval: str | Path, out: str | Path) -> dict:
+    """The comparison report of two `apr evaluate` outputs (APR model, SoS+ model), written
+    to `out` atomically: new, empty, or an earlier comparison (marked by its report.html)."""
+    from apr import atomic
+
+    atomic.check_replaceable(out, "report.html")
+    metrics = compare(_evaluation(apr_eval, "--apr"), _evaluation(sos_eval, "--sos"))
+    with atomic.partial_dir(out, replace="report.html") as partial:
+        (partial / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_plots(metrics, partial)
+        write_report(metrics, partial)
+        (partial / "report.html").write_text(html(metrics, partial))
     return metrics

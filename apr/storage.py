@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -93,10 +94,16 @@ def settings_for(uri: str | Path, endpoint: str = "") -> S3Settings | None:
     return S3Settings.from_env(endpoint=endpoint) if is_remote(uri) else None
 
 
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")  # S3's bucket naming rules
+
+
 def split_uri(uri: str) -> tuple[str, str]:
     parsed = urlparse(uri)
     if parsed.scheme != "s3" or not parsed.netloc:
         raise InputError(f"{uri!r} is not an s3://bucket/prefix URI")
+    if not _BUCKET.match(parsed.netloc):
+        raise InputError(f"{parsed.netloc!r} in {uri!r} is not a bucket name: 3 to 63 lowercase "
+                         "letters, digits, '.' and '-', starting and ending with a letter or digit")
     return parsed.netloc, parsed.path.strip("/")
 
 
@@ -171,7 +178,7 @@ def read_manifest(uri: str | Path, settings: S3Settings | None = None) -> dict:
         path = Path(uri) / MANIFEST
         if not path.is_file():
             raise IncompleteArtifact(f"{uri} has no {MANIFEST}: it is incomplete or not an artifact")
-        return json.loads(path.read_text())
+        return _checked_manifest(path.read_bytes(), uri)
     settings = settings or S3Settings.from_env()
     client = settings.client()
     bucket, prefix = split_uri(str(uri))
@@ -184,10 +191,25 @@ def read_manifest(uri: str | Path, settings: S3Settings | None = None) -> dict:
         raise IncompleteArtifact(f"{uri} has no {MANIFEST}: it is incomplete or not an "
                                  f"artifact ({e})", e.code) from e
     try:
-        return json.loads(response.read())
+        return _checked_manifest(response.read(), uri)
     finally:
         response.close()
         response.release_conn()
+
+
+def _checked_manifest(blob: bytes, uri: str | Path) -> dict:
+    """A manifest's JSON, once it lists at least one file with its size and checksum."""
+    try:
+        manifest = json.loads(blob)
+    except ValueError as e:
+        raise StorageError(f"{uri}/{MANIFEST} is corrupt ({e}): publish the artifact again") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not files or not all(
+            isinstance(f, dict) and isinstance(f.get("size"), int) and isinstance(f.get("sha256"), str)
+            for f in files.values()):
+        raise StorageError(f"{uri}/{MANIFEST} lists no files with their size and sha256: "
+                           "publish the artifact again")
+    return manifest
 
 
 def is_complete(uri: str | Path, settings: S3Settings | None = None) -> bool:

@@ -25,6 +25,7 @@ from tokenizers import (
     processors,
 )
 
+from apr.config import InputError
 from apr.countdown import trace
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
@@ -85,7 +86,10 @@ def load(directory: str | Path) -> Tokenizer:
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer at {path}: run `apr datagen` (it writes one) "
                                 "or point at a model directory that holds tokenizer.json")
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - `tokenizers` raises a bare Exception on bad JSON
+        raise InputError(f"{path} is corrupt ({e}): regenerate it with `apr datagen`") from None
 
 
 # Special-token strings inside text are matched like phrases by the tokenizer, so count them too.

@@ -24,6 +24,7 @@ from apr.decode.engine import (
 )
 from apr.decode.local import LocalEngine
 from apr.decode.sglang import (
+    GENERATE,
     SAMPLING_KEYS,
     SGLangEngine,
     completion_json,
@@ -336,3 +337,22 @@ def test_a_request_nobody_waits_for_leaves_the_batch(model_dir):
     assert engine.stats.row_steps < 2 * 400  # the abandoned rows stopped early
     alone = engine.decode([(PROMPT, kept_sampling)])[0]
     assert kept.token_ids == alone.token_ids
+
+
+@pytest.mark.slow
+def test_a_client_that_leaves_the_engine_server_takes_its_rows_along(model_dir):
+    """`apr engine serve` once decoded a /generate to its limit after the client had gone."""
+    from conftest import ServedApp
+
+    from apr.decode.engine_server import create_app
+
+    engine = LocalEngine(model_dir, batching="shrink")
+    body = {"text": [PROMPT] * 2, "sampling_params": {"max_new_tokens": 400, "temperature": 0}}
+    with ServedApp(create_app(engine, str(model_dir))) as served:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{served.url}{GENERATE}", json=body, timeout=0.5)
+        deadline = time.monotonic() + 20
+        while engine.stats.abandoned_rows < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert engine.stats.abandoned_rows == 2
+    assert engine.stats.row_steps < 2 * 400

@@ -138,7 +138,7 @@ def test_a_handler_failure_is_a_clean_500_with_its_traceback_logged(caplog):
     # strict types: nothing is coerced into a number or a flag it was not
     ({"nums": [1, 2], "target": True}, "target"),
     ({"nums": [1, 2], "target": "5_0"}, "target"),
-    ({"nums": [1, 2], "target": 5.0}, "target"),
+    ({"nums": [1, 2], "target": 5.5}, "target"),  # 5.0 is a JSON integer, 5.5 is not
     ({"nums": ["3", 2], "target": 5}, "nums"),
     ({"nums": [1, 2], "target": 5, "trace": "yes"}, "trace"),
     # a sampling temperature of almost 0 is a division by almost 0 in the engine
@@ -190,6 +190,34 @@ def test_a_chunked_body_over_the_limit_is_refused(corpus):
 
     answer = client.post("/v1/solve", content=chunks(), headers={"content-type": "application/json"})
     assert answer.status_code == 413 and answer.json()["kind"] == "body_too_large"
+
+
+def test_a_half_sent_body_gets_a_408_not_a_held_connection(corpus, solved):
+    """A client that sent half its body and stopped once held its connection and task with
+    no end."""
+    import socket
+
+    from conftest import ServedApp
+
+    app = create_app(OracleEngine(corpus), ServerLimits(body_timeout_s=0.5))
+    with ServedApp(app) as served:
+        host, port = served.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(b"POST /v1/solve HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                         b"\r\nContent-Length: 100\r\n\r\n{\"nums\": [1, 2],")
+            started = time.monotonic()
+            answer = b""
+            while not answer.endswith(b"}") and (chunk := sock.recv(4096)):
+                answer += chunk  # headers and body may come in separate packets
+            waited = time.monotonic() - started
+            answer = answer.decode()
+        # whole bodies still work
+        whole = {"nums": solved["nums"], "target": solved["target"]}
+        assert httpx.post(f"{served.url}/v1/solve", json=whole).is_success
+        text = httpx.get(f"{served.url}/metrics").text
+    assert answer.startswith("HTTP/1.1 408") and '"body_timeout"' in answer, answer
+    assert waited < 4
+    assert 'kind="body_timeout"' in text
 
 
 def test_the_token_file_flag_gives_a_clear_error(tmp_path, capsys):
@@ -436,3 +464,55 @@ def test_a_full_server_says_429_and_the_timeout_counts_the_wait_for_a_slot(corpu
     assert refused.headers["retry-after"] == "1"
     assert waited.status_code == 504 and waited_s < 5
     assert running.status_code == 504  # held past its own deadline too
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_server_even_with_solves_stuck_on_the_engine(tmp_path):
+    """SIGTERM with a solve stuck on the engine and one queued behind it once never exited:
+    now requests get --shutdown-timeout seconds, then the process ends."""
+    import sys
+
+    from conftest import ServedApp
+    from fastapi import FastAPI
+
+    stuck = FastAPI()
+
+    @stuck.get("/ready")
+    async def ready():
+        return {"status": "ok"}
+
+    @stuck.post("/generate")
+    async def generate():
+        await asyncio.sleep(3600)
+
+    port = free_port()
+    with ServedApp(stuck) as engine:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "apr.cli", "serve", "--engine-url", engine.url, "--port",
+             str(port), "--host", "127.0.0.1", "--max-concurrency", "1", "--shutdown-timeout", "1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"{url}/healthz", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+
+        def solve():
+            try:
+                httpx.post(f"{url}/v1/solve", json={"nums": [1, 2], "target": 3}, timeout=30)
+            except httpx.HTTPError:  # the server went away under it: expected here
+                pass
+
+        clients = [threading.Thread(target=solve, daemon=True) for _ in range(2)]
+        for client in clients:
+            client.start()
+        time.sleep(1.0)  # one solve on the engine, one at the gate
+        server.terminate()
+        try:
+            code = server.wait(timeout=10)
+        finally:
+            server.kill()
+    assert code is not None, server.stderr.read().decode()

@@ -20,6 +20,7 @@ from apr.config import ConfigError, from_dict, load
 from apr.dataset import DataError
 from apr.stages import sft
 from apr.stages.sft import SFTConfig
+from apr.train.checkpoints import latest_checkpoint
 from apr.train.data import (
     Layout,
     Sequences,
@@ -95,7 +96,7 @@ def test_a_checkpoint_being_written_is_not_taken_for_a_complete_one(tmp_path):
     done = tmp_path / "step-0000002"
     done.mkdir()
     (done / "trainer.json").write_text("{}")
-    assert sft.latest_checkpoint(tmp_path) == done
+    assert latest_checkpoint(tmp_path) == done
 
 
 def test_logits_of_a_sequence_do_not_depend_on_its_batch_mates():

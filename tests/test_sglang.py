@@ -174,11 +174,12 @@ def test_health_generates_and_model_info_names_the_model(server, model_dir):
 
 
 def test_a_pause_aborts_requests_in_flight_holds_new_ones_and_unreadies(server):
-    long = Sampling(max_new_tokens=1500, temperature=0.0)
+    long = Sampling(max_new_tokens=1500, temperature=0.0)  # still decoding at the pause
+    short = Sampling(max_new_tokens=64, temperature=0.0)  # done soon after the continue
     results: dict = {}
 
-    def call(name):
-        results[name] = generate(server.url, PROMPTS[:1], long)[0]
+    def call(name, sampling=long):
+        results[name] = generate(server.url, PROMPTS[:1], sampling)[0]
 
     in_flight = threading.Thread(target=call, args=("in_flight",))
     in_flight.start()
@@ -188,7 +189,7 @@ def test_a_pause_aborts_requests_in_flight_holds_new_ones_and_unreadies(server):
     in_flight.join(30)
     assert results["in_flight"].finish_reason == ABORT
     assert httpx.get(server.url + "/ready", timeout=10).status_code == 503
-    held = threading.Thread(target=call, args=("held",))
+    held = threading.Thread(target=call, args=("held", short))
     held.start()
     held.join(2.0)
     assert held.is_alive()  # waits for the server to continue

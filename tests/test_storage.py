@@ -118,16 +118,25 @@ def test_pull_into_a_directory_it_did_not_write_is_refused(artifact, tmp_path):
     assert storage.is_complete(tmp_path / "pulled")
 
 
+def model_files(directory, value: float):
+    """The files `publish` checks (whole safetensors, config, tokenizer), not a real model."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    directory.mkdir()
+    (directory / "config.json").write_text("{}")
+    (directory / "tokenizer.json").write_text("{}")
+    save_file({"w": np.full(4, value, dtype=np.float32)}, str(directory / "model.safetensors"))
+    return directory
+
+
 @pytest.mark.parametrize("store", ["s3://", "s3:/bucket", "S3://", "s3:bucket", ""])
 def test_a_store_that_is_no_s3_uri_is_refused_not_written_as_a_folder(store, tmp_path,
                                                                       monkeypatch):
     """`--store s3://` once wrote a local folder named `s3:` and said it had published."""
     from apr.stages import publish
 
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
-    (model / "model.safetensors").write_bytes(b"weights")
+    model = model_files(tmp_path / "model", 1.0)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(InputError):
         publish.run(model, store, "apr", "v1")
@@ -139,21 +148,15 @@ def test_a_published_version_is_immutable_unless_replaced_on_purpose(tmp_path, s
     version unpullable, and versions changed under the servers pulling them."""
     from apr.stages import publish
 
-    def model(weights: bytes):
-        directory = tmp_path / weights.decode()
-        directory.mkdir()
-        (directory / "config.json").write_text("{}")
-        (directory / "model.safetensors").write_bytes(weights)
-        return directory
-
-    first, second = model(b"first"), model(b"second")
+    first, second = model_files(tmp_path / "first", 1.0), model_files(tmp_path / "second", 2.0)
+    weights = {m: (m / "model.safetensors").read_bytes() for m in (first, second)}
     for store in (str(tmp_path / "store"), "s3://apr-immutable"):
         uri = publish.run(first, store, "apr", "v1", s3 if store.startswith("s3") else None)
         settings = s3 if store.startswith("s3") else None
         with pytest.raises(InputError, match="already published"):
             publish.run(second, store, "apr", "v1", settings)
         pulled = storage.download(uri, tmp_path / f"pulled-{len(store)}", settings)
-        assert (pulled / "model.safetensors").read_bytes() == b"first"
+        assert (pulled / "model.safetensors").read_bytes() == weights[first]
         publish.run(second, store, "apr", "v1", settings, replace=True)
         pulled = storage.download(uri, tmp_path / f"replaced-{len(store)}", settings)
-        assert (pulled / "model.safetensors").read_bytes() == b"second"
+        assert (pulled / "model.safetensors").read_bytes() == weights[second]

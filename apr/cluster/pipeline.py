@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -68,11 +69,27 @@ def submit(host: str, arguments: dict, experiment: str = "apr", package: str | P
                                                    experiment_name=experiment)
 
 
+class PipelineFailed(RuntimeError):
+    """A task of the local run failed; its own log says why."""
+
+
+def check_configs(preset: str, overrides: dict[str, list[str]]) -> None:
+    """Every stage's config, loaded as its task will load it: a bad preset or key is an
+    InputError before any task runs."""
+    from apr.config import load
+    from apr.stages import CONFIGS
+
+    for stage, (module_name, class_name) in CONFIGS.items():
+        module = importlib.import_module(module_name)
+        load(getattr(module, class_name), preset, module.SECTION, overrides.get(stage, []))
+
+
 def run_local(workdir: str | Path, preset: str = "local", store: str | None = None,
               overrides: dict[str, list[str]] | None = None) -> dict:
     """The whole DAG through kfp.local's SubprocessRunner in this Python environment."""
     from kfp import local
 
+    check_configs(preset, overrides or {})  # a typo fails here, not in a task minutes later
     module = definition()
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -80,10 +97,17 @@ def run_local(workdir: str | Path, preset: str = "local", store: str | None = No
                pipeline_root=str(workdir / "pipeline-root"), raise_on_error=True)
     overrides = overrides or {}
     started = time.perf_counter()
-    module.build(cluster=False)(
-        preset=preset, store=str(store or workdir / "store"), s3_endpoint="",
-        datagen_overrides=overrides.get("datagen", []), sft_overrides=overrides.get("sft", []),
-        grpo_overrides=overrides.get("grpo", []), evaluate_overrides=overrides.get("evaluate", []))
+    try:
+        module.build(cluster=False)(
+            preset=preset, store=str(store or workdir / "store"), s3_endpoint="",
+            datagen_overrides=overrides.get("datagen", []), sft_overrides=overrides.get("sft", []),
+            grpo_overrides=overrides.get("grpo", []),
+            evaluate_overrides=overrides.get("evaluate", []))
+    except RuntimeError as e:  # kfp.local's report: the failed task, coloured
+        if type(e).__module__.startswith("apr."):
+            raise
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()[-1]
+        raise PipelineFailed(f"{plain} (its log is above)") from None
     root = workdir / "pipeline-root"
     runs = sorted(root.glob(f"{module.PIPELINE_NAME}-*"), key=lambda p: p.stat().st_mtime)
     if not runs:

@@ -72,6 +72,13 @@ def sampling_from_json(params: dict[str, Any] | None) -> Sampling:
     return sampling
 
 
+async def client_gone(request: Request) -> None:
+    """Return once the client has disconnected. Its body was read, so the next message the
+    server can receive for this request is the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def create_app(engine: Engine, model_path: str, served_name: str = "apr") -> FastAPI:
     """The app; its pause, readiness, health and model-info behaviour follow SGLang's (the
     same behaviour suite runs against both: tests/test_sglang.py)."""
@@ -91,22 +98,26 @@ def create_app(engine: Engine, model_path: str, served_name: str = "apr") -> Fas
             log.exception("%s %s failed", request.method, request.url.path)
             return JSONResponse({"error": "internal error", "kind": "internal"}, status_code=500)
 
-    async def decode(prompts: list[str], sampling: Sampling) -> list[Completion]:
+    async def decode(prompts: list[str], sampling: Sampling,
+                     request: Request | None = None) -> list[Completion]:
         """The engine's answer, or, when a pause in "abort" mode comes first, SGLang's: each
-        item ends with finish reason abort (the batch already decoding is dropped)."""
+        item ends with finish reason abort (the batch already decoding is dropped). A client
+        that goes away takes its rows out of the batch (as SGLang aborts its request)."""
         await state["resumed"].wait()  # /pause_generation holds new work until continued
         aborted = state["aborted"]
         work = asyncio.ensure_future(engine.generate(prompts, sampling))
         stop = asyncio.ensure_future(aborted.wait())
+        gone = asyncio.ensure_future(client_gone(request)) if request else stop
         state["in_flight"] += 1
         try:
-            await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({work, stop, gone}, return_when=asyncio.FIRST_COMPLETED)
         except BaseException:  # the request itself was cancelled: its work with it
             work.cancel()
             raise
         finally:
             state["in_flight"] -= 1
             stop.cancel()
+            gone.cancel()
         if work.done():
             return work.result()
         work.cancel()
@@ -128,7 +139,7 @@ def create_app(engine: Engine, model_path: str, served_name: str = "apr") -> Fas
             return JSONResponse({"error": "text must be a string or a list of strings"},
                                 status_code=400)
         started = time.perf_counter()
-        completions = await decode(prompts, replace(sampling, logprobs=logprobs))
+        completions = await decode(prompts, replace(sampling, logprobs=logprobs), request)
         latency = time.perf_counter() - started
         items = []
         for c in completions:
@@ -215,7 +226,8 @@ def create_app(engine: Engine, model_path: str, served_name: str = "apr") -> Fas
 
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 30000, device: str = "auto",
-          max_batch: int = 64, weight_version: str = "default", batching: str = "auto") -> None:
+          max_batch: int = 64, weight_version: str = "default", batching: str = "auto",
+          shutdown_timeout_s: float = 25.0) -> None:
     import uvicorn
 
     from apr.decode.local import LocalEngine
@@ -225,4 +237,4 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 30000, device: st
     # Uvicorn configures no logging of its own: its loggers reach the handlers and level the
     # caller (`apr --log-level`) set.
     uvicorn.run(create_app(engine, model_dir), host=host, port=port, log_config=None,
-                log_level=None)
+                log_level=None, timeout_graceful_shutdown=shutdown_timeout_s)

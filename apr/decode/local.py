@@ -53,7 +53,6 @@ class LocalEngine:
     def __init__(self, model_dir: str | Path, device: str = "auto", max_batch: int = 64,
                  dtype: str = "auto", batching: str = "auto", cpu_threads: int = 0):
         import torch
-        from transformers import AutoTokenizer
 
         from apr import model as model_lib
 
@@ -68,7 +67,7 @@ class LocalEngine:
                        "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
         self.model_dir = Path(model_dir)
         self.model = model_lib.load(model_dir, device=str(self.device), dtype=torch_dtype).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer = model_lib.load_tokenizer(model_dir)
         self.tokenizer.padding_side = "left"
         self.max_batch = max_batch
         if batching not in BATCHING:

@@ -23,7 +23,7 @@ from typing import Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
@@ -32,7 +32,14 @@ from apr import __version__
 from apr.decode.engine import Engine, EngineError, Sampling
 from apr.decode.runtime import ROLE, Budgets, Solve, solve_apr
 from apr.serve.metrics import Metrics
-from apr.serve.protocol import ErrorResponse, ServerLimits, SolveRequest, SolveResponse
+from apr.serve.protocol import (
+    SOLVE_ERRORS,
+    ErrorResponse,
+    ServerLimits,
+    SolveRequest,
+    SolveResponse,
+    state_limits,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +94,43 @@ def _problem(message: str, status: int, kind: str, metrics: Metrics,
                         headers=headers)
 
 
+class BodyDeadline:
+    """A client gets `seconds` to send its whole body, then a 408: a half-sent body held
+    open (a slow or hostile client) never keeps a connection and its task forever. Pure
+    ASGI, outermost: it sees every message the server receives."""
+
+    def __init__(self, app, seconds: float, answer):
+        self.app, self.seconds, self.answer = app, seconds, answer
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        deadline = asyncio.get_running_loop().time() + self.seconds
+        state = {"body_done": False, "timed_out": False, "answered": False}
+
+        async def timed_receive():
+            if state["body_done"]:
+                return await receive()
+            remaining = deadline - asyncio.get_running_loop().time()
+            try:
+                message = await asyncio.wait_for(receive(), max(remaining, 0.0))
+            except asyncio.TimeoutError:
+                state["timed_out"] = True
+                return {"type": "http.disconnect"}  # the app stops reading; the 408 answers
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                state["body_done"] = True
+            return message
+
+        async def quiet_send(message):
+            if not state["timed_out"]:
+                state["answered"] = True
+                await send(message)
+
+        await self.app(scope, timed_receive, quiet_send)
+        if state["timed_out"] and not state["answered"]:
+            await self.answer()(scope, receive, send)
+
+
 def create_app(engine: Engine, limits: ServerLimits = ServerLimits(), token: str | None = None,
                engine_name: str = "engine", metrics: Metrics | None = None) -> FastAPI:
     metrics = metrics or Metrics()
@@ -116,6 +160,9 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits(), token: str
 
     # a chunked body has no Content-Length: this counts what arrives
     app.add_middleware(RequestBodyLimitMiddleware, max_body_size=limits.max_body_bytes)
+    app.add_middleware(BodyDeadline, seconds=limits.body_timeout_s, answer=lambda: _problem(
+        f"the request body did not arrive within {limits.body_timeout_s:g} s", 408,
+        "body_timeout", metrics))
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, error: HTTPException):
@@ -123,7 +170,9 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits(), token: str
             return _problem(f"request body over {limits.max_body_bytes} bytes", 413,
                             "body_too_large", metrics)
         kind = "not_found" if error.status_code == 404 else "bad_request"
-        return _problem(str(error.detail), error.status_code, kind, metrics)
+        # kept: a 405's `Allow` (RFC 9110), a 401's `WWW-Authenticate`
+        return _problem(str(error.detail), error.status_code, kind, metrics,
+                        headers=getattr(error, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, error: RequestValidationError):
@@ -131,7 +180,9 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits(), token: str
                            f"{e['msg']}" for e in error.errors())
         return _problem(f"invalid request: {fields}", 422, "bad_request", metrics)
 
-    @app.post("/v1/solve", response_model=SolveResponse)
+    @app.post("/v1/solve", response_model=SolveResponse, responses={
+        status: {"model": ErrorResponse, "description": text}
+        for status, text in SOLVE_ERRORS.items()})
     async def solve(body: SolveRequest):
         problem = body.problem(limits)
         if problem is not None:
@@ -207,16 +258,22 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits(), token: str
         metrics.engine_up.set(1 if ok else 0)
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = state_limits(FastAPI.openapi(app), limits)
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 
 def serve(engine_name: str, engine_url: str = "", model: str | None = None,
           host: str = "0.0.0.0", port: int = 8000, limits: ServerLimits = ServerLimits(),
-          token: str | None = None) -> None:
+          token: str | None = None, shutdown_timeout_s: float = 25.0) -> None:
     import uvicorn
 
     if engine_name == "sglang":
@@ -229,5 +286,7 @@ def serve(engine_name: str, engine_url: str = "", model: str | None = None,
         engine = LocalEngine(model)
     # Uvicorn configures no logging of its own: its loggers reach the handlers and level the
     # caller (`apr --log-level`) set.
+    # After SIGTERM, requests in flight or queued get `shutdown_timeout_s`, then are cancelled:
+    # the process always exits (a stuck engine once kept it up until SIGKILL).
     uvicorn.run(create_app(engine, limits, token, engine_name), host=host, port=port,
-                log_config=None, log_level=None)
+                log_config=None, log_level=None, timeout_graceful_shutdown=shutdown_timeout_s)

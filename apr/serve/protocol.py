@@ -6,8 +6,9 @@ between HTTP and these.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from apr.decode.runtime import Solve
 
@@ -25,9 +26,18 @@ class ServerLimits:
     max_queue: int = 256  # solves waiting for one of those slots; beyond it a 429
     request_timeout_s: float = 120.0  # from arrival: waiting for a slot counts
     max_body_bytes: int = 16 * 1024
+    body_timeout_s: float = 10.0  # to send the whole body, once the headers are in
 
 
 MIN_TEMPERATURE = 0.01  # below it (but above 0) sampling divides by ~0: decode greedily instead
+
+
+def _whole(value):
+    """JSON's integers: 24.0 is one (as JSON Schema says), 24.5 or true or "24" is not."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Integer = Annotated[int, BeforeValidator(_whole)]
 
 
 class SolveRequest(BaseModel):
@@ -35,13 +45,13 @@ class SolveRequest(BaseModel):
     # (a misspelt `temprature`) is a 422, never silently ignored.
     model_config = ConfigDict(strict=True, extra="forbid")
 
-    nums: list[int] = Field(description="the starting numbers (2 to 6 of them)")
-    target: int = Field(description="the number to reach")
-    budget: int | None = Field(default=None, description="ask for at most N child threads "
+    nums: list[Integer] = Field(description="the starting numbers (2 to 6 of them)")
+    target: Integer = Field(description="the number to reach")
+    budget: Integer | None = Field(default=None, description="ask for at most N child threads "
                                "(`Sub Call Budget: N `); the model must have been trained with it")
     temperature: float = Field(default=0.0, ge=0.0, le=2.0, allow_inf_nan=False,
                                description=f"0 decodes greedily; else {MIN_TEMPERATURE} to 2")
-    max_tokens: int | None = Field(default=None, description="context window of each thread")
+    max_tokens: Integer | None = Field(default=None, description="context window of each thread")
     trace: bool = Field(default=False, description="return every thread's prompt and text")
 
     @field_validator("nums")
@@ -102,3 +112,36 @@ class ErrorResponse(BaseModel):
 
     error: str
     kind: str
+
+
+def state_limits(openapi: dict, limits: ServerLimits) -> dict:
+    """The OpenAPI document with the bounds `SolveRequest.problem` enforces written into the
+    request's schema: clients, generated SDKs and the fuzzer see the limits the server checks."""
+    fields = openapi["components"]["schemas"]["SolveRequest"]["properties"]
+    fields["nums"].update(minItems=2, maxItems=limits.max_numbers)
+    fields["nums"]["items"].update(minimum=1, maximum=limits.max_number)
+    fields["target"].update(minimum=1, maximum=limits.max_target)
+    for name, low, high in (("budget", 1, limits.max_budget), ("max_tokens", 16, limits.max_tokens)):
+        integer = next(o for o in fields[name]["anyOf"] if o.get("type") == "integer")
+        integer.update(minimum=low, maximum=high)
+    temperature = fields["temperature"]
+    high = temperature.pop("maximum")
+    temperature.pop("minimum")
+    temperature.pop("type")
+    temperature["anyOf"] = [{"type": "number", "enum": [0]},
+                            {"type": "number", "minimum": MIN_TEMPERATURE, "maximum": high}]
+    return openapi
+
+
+# Every answer of `POST /v1/solve` other than 200 (a 422 FastAPI documents itself), stated in
+# the OpenAPI document: all carry an ErrorResponse.
+SOLVE_ERRORS = {
+    400: "the body is not JSON",
+    401: "missing or wrong bearer token (when the server has one)",
+    408: "the body did not arrive in time",
+    413: "the body is over the size limit",
+    429: "the server is at capacity: retry after `Retry-After` seconds",
+    503: "the engine is unavailable: retry later",
+    504: "the solve ran past the request timeout",
+}
+

@@ -15,6 +15,7 @@ from __future__ import annotations
 import array
 import gzip
 import json
+import math
 import multiprocessing
 import os
 import random
@@ -32,10 +33,12 @@ from apr.countdown.problems import SPLITS, Problem, ProblemSpace, candidates
 from apr.countdown.search import HEURISTICS, SearchParams, apr_search, sos_search
 from apr.countdown.threads import apr_threads, final_text, sos_threads
 from apr.countdown.trace import SUB_CALL_BUDGET, TOKEN_BUDGET, Budget, token_budget
+from apr.resources import check_fits
 from apr.summary import describe
 
 SECTION = "datagen"
 COMPRESSIONS = ("none", "gzip")
+PROBLEM_BYTES = 2048  # a drawn problem held until its split is written (2.1 KB measured)
 
 
 @dataclass
@@ -62,6 +65,11 @@ class ProblemsConfig:
               f"{self.target_max} is below target_min {self.target_min}: the target range is empty")
         for key in ("train_size", "val_size", "test_size"):
             check_range(key, getattr(self, key), 0)
+        distinct = math.comb(self.num_max - self.num_min + self.n_numbers, self.n_numbers) * (
+            self.target_max - self.target_min + 1)  # multisets of numbers, times targets
+        asked = sum(self.sizes().values())
+        check(asked <= distinct, "train_size", f"{asked:,} problems asked for in all, but this "
+              f"space holds at most {distinct:,} distinct ones: ask for fewer or widen the ranges")
 
     def space(self) -> ProblemSpace:
         return ProblemSpace(self.n_numbers, self.num_min, self.num_max, self.target_min,
@@ -249,8 +257,8 @@ def generate_problems(config: DatagenConfig, pool, progress: bool
     bar = _progress(wanted, "problems", progress)
     while len(unique) < wanted:
         need = wanted - len(unique)
-        chunks = [(cfg.space(), cfg.seed, s, min(s + config.chunk_size, drawn + need))
-                  for s in range(drawn, drawn + need, config.chunk_size)]
+        chunks = ((cfg.space(), cfg.seed, s, min(s + config.chunk_size, drawn + need))
+                  for s in range(drawn, drawn + need, config.chunk_size))
         for chunk in pool.imap(_problem_chunk, chunks):
             for problem in chunk:
                 if problem.key not in seen:
@@ -348,6 +356,9 @@ def run(config: DatagenConfig, out: str | Path, progress: bool = True) -> dict:
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists: remove it or choose another --out")
+    total = sum(config.problems.sizes().values())
+    check_fits("problems.train_size", config.problems.train_size, total * PROBLEM_BYTES,
+               "ask for fewer problems, or run on a machine with more memory")
     with atomic.partial_dir(out) as partial:  # the dataset appears complete, or not at all
         stats = _write_dataset(config, partial, progress)
     return stats

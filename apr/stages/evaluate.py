@@ -165,9 +165,14 @@ def make_engine(config: EvalConfig, model: str | Path | None, problems: str | Pa
         from apr.decode.sglang import SGLangEngine
 
         return SGLangEngine(config.engine_url)
-    if model is None or not (Path(model) / "config.json").is_file():
-        raise InputError(f"--model {model} is not a model directory (no config.json)")
+    if model is None:
+        raise InputError(f"engine {config.engine} needs --model (a model directory)")
     from apr.decode.local import LocalEngine
+    from apr.model import positions
+
+    if config.context > (limit := positions(model)):
+        raise InputError(f"evaluate.context: {config.context} is beyond the {limit} positions of "
+                         f"{model}: set it to {limit} or less")
 
     return LocalEngine(model)
 

@@ -33,11 +33,13 @@ from pathlib import Path
 
 import numpy as np
 
-from apr.config import InputError, check, check_choice, check_range, dump, option
+from apr import model as model_lib
+from apr.config import check, check_choice, check_range, dump, option
 from apr.countdown.threads import APR, STYLES
 from apr.decode.rollout_server import KINDS
 from apr.rl.losses import group_advantages
 from apr.rl.trainer import Trainer, push_weights
+from apr.train.checkpoints import check_fresh
 
 log = logging.getLogger(__name__)
 
@@ -226,11 +228,12 @@ async def _run(config, model, problems, out, engine_url, weights_dir, resume, pr
     local = paths.local
     if (local / "model" / "config.json").is_file() and not resume and not paths.remote:
         raise FileExistsError(f"{out} already holds a trained model: choose another --out")
+    if not resume and not paths.remote:  # a remote run's workdir is scratch
+        check_fresh(local / "checkpoints")
+    if not str(model).startswith("s3://"):
+        model_lib.check_directory(model)  # before anything is written
     local.mkdir(parents=True, exist_ok=True)
-    model_dir = _fetch(model, local / "initial")
-    if not (model_dir / "config.json").is_file():
-        raise InputError(f"--model {model} is not a model directory (no config.json): point at "
-                         "the `model/` directory that `apr sft` writes")
+    model_dir = model_lib.check_directory(_fetch(model, local / "initial"))
     data = _fetch(problems, local / "problems")
     train = load_problems(data, "train", 1 << 40)
     val = load_problems(data, "val", config.val_problems) if config.val_problems else []
@@ -253,14 +256,16 @@ async def _run(config, model, problems, out, engine_url, weights_dir, resume, pr
 
 
 def _restore(paths: RunPaths, trainer: Trainer, resume: bool) -> dict:
-    from apr.train.checkpoints import latest_checkpoint, load_checkpoint, truncate_log
+    from apr.train.checkpoints import resume as resume_checkpoint
+    from apr.train.checkpoints import truncate_log
 
     checkpoints = paths.local / "checkpoints"
     if resume and paths.remote:
         _pull_remote_checkpoint(paths)
     state = {"step": 0, "initial_val_accuracy": None, "val_accuracy": None}
-    if resume and (latest := latest_checkpoint(checkpoints)) is not None:
-        state = load_checkpoint(latest, trainer.policy, trainer.optimizer, trainer.device)
+    if resume and (restored := resume_checkpoint(checkpoints, trainer.policy, trainer.optimizer,
+                                        trainer.device)) is not None:
+        latest, state = restored
         for name in ("metrics.jsonl", "rollouts.jsonl"):
             truncate_log(paths.local / name, state["step"])
         log.info("resumed from %s (step %d)", latest, state["step"])
@@ -435,7 +440,6 @@ def _checkpoint(paths: RunPaths, trainer: Trainer, state: dict, config: GRPOConf
 
 
 def _finish(paths: RunPaths, trainer: Trainer, state: dict) -> GRPOResult:
-    from apr import model as model_lib
     from apr.storage import upload
 
     model_dir = model_lib.save(trainer.policy, paths.local / "model",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from apr import model as model_lib
 from apr import storage
 from apr.config import InputError
 
@@ -32,9 +33,7 @@ def model_uri(store: str, name: str, version: str) -> str:
 
 def run(model_dir: str | Path, store: str, name: str, version: str,
         settings: storage.S3Settings | None = None, replace: bool = False) -> str:
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
-        raise InputError(f"{model_dir} is not a saved model (config.json, model.safetensors)")
+    model_dir = model_lib.check_directory(model_dir)  # whole files only: never a truncated one
     uri = model_uri(store, name, version)
     if not replace and storage.is_complete(uri, settings):
         raise InputError(f"{uri} is already published and versions are immutable: publish a "

@@ -26,13 +26,10 @@ from apr import model as model_lib
 from apr.config import check, check_choice, check_range, dump, option
 from apr.countdown.threads import STYLES
 from apr.dataset import DataError, check_tokenizer, shard_paths
+from apr.resources import check_fits
 from apr.train import distributed
-from apr.train.checkpoints import (
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-    truncate_log,
-)
+from apr.train.checkpoints import check_fresh, save_checkpoint, truncate_log
+from apr.train.checkpoints import resume as resume_checkpoint
 from apr.train.data import (
     KEEP,
     Layout,
@@ -105,6 +102,19 @@ class SFTConfig:
 
 
 # --- helpers beside the loop -------------------------------------------------------------
+def check_batch_fits(config: SFTConfig, device) -> None:
+    """Refuse a micro-batch no memory of `device` could hold, before data is read."""
+    import torch
+
+    shape = model_lib.shape(config.shape)
+    # At the least, backward keeps each layer's inputs to its norms, attention projections
+    # and MLP in fp32 (a third of the 68 KB a token takes in the tiny shape, measured).
+    per_token = 4 * shape.num_hidden_layers * (4 * shape.hidden_size + 3 * shape.intermediate_size)
+    available = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    check_fits("tokens_per_batch", config.tokens_per_batch, config.tokens_per_batch * per_token,
+               "lower it (and raise grad_accum to keep the step's size)", available)
+
+
 def learning_rate(config: SFTConfig, step: int, total: int) -> float:
     """Linear warmup, then cosine from lr down to min_lr at the last step."""
     if step < config.warmup_steps:
@@ -239,7 +249,10 @@ def run(config: SFTConfig, data: str | Path, out: str | Path, resume: bool = Fal
     out = Path(out)
     if (out / "model" / "config.json").is_file() and not resume:
         raise FileExistsError(f"{out} already holds a trained model: choose another --out")
+    if not resume:
+        check_fresh(out / "checkpoints")
     dist_info, device = distributed.setup()
+    check_batch_fits(config, device)
     torch.manual_seed(config.seed)
     train, val = prepare_data(config, Path(data), out / "data", dist_info.main)
     use_bf16 = config.dtype == "bf16" or (config.dtype == "auto" and device.type == "cuda")
@@ -257,8 +270,9 @@ def run(config: SFTConfig, data: str | Path, out: str | Path, resume: bool = Fal
     total_steps = config.max_steps or max(1, int(per_epoch * config.epochs) // micro_per_step)
     checkpoints = out / "checkpoints"
     state = {"step": 0, "tokens": 0}
-    if resume and (latest := latest_checkpoint(checkpoints)) is not None:
-        state = load_checkpoint(latest, model, optimizer, device)
+    restored = resume_checkpoint(checkpoints, model, optimizer, device) if resume else None
+    if restored is not None:
+        latest, state = restored
         if dist_info.main:
             truncate_log(out / "metrics.jsonl", state["step"])
             log.info("resumed from %s (step %d)", latest, state["step"])

@@ -8,10 +8,13 @@ these, and a resumed run truncates its metrics log back to the checkpoint's step
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
 from apr import atomic
+
+log = logging.getLogger(__name__)
 
 
 def save_checkpoint(directory: Path, model, optimizer, state: dict, keep: int) -> Path:
@@ -33,32 +36,68 @@ def save_checkpoint(directory: Path, model, optimizer, state: dict, keep: int) -
     return final
 
 
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """Checkpoints written whole (with their trainer.json), oldest first."""
+    return sorted(p for p in directory.glob("step-???????") if (p / "trainer.json").is_file())
+
+
 def latest_checkpoint(directory: Path) -> Path | None:
-    done = sorted(p for p in directory.glob("step-???????") if (p / "trainer.json").is_file())
+    done = complete_checkpoints(directory)
     return done[-1] if done else None
+
+
+def resume(directory: Path, model, optimizer, device) -> tuple[Path, dict] | None:
+    """Load the newest checkpoint that loads; a damaged one (a disk that lost its tail, a
+    file edited by hand) is skipped with a warning for the one before it."""
+    from safetensors import SafetensorError
+
+    for path in reversed(complete_checkpoints(directory)):
+        try:
+            return path, load_checkpoint(path, model, optimizer, device)
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+            log.warning("checkpoint %s does not load (%s): trying the one before it", path, e)
+    return None
+
+
+def check_fresh(directory: Path) -> None:
+    """A run started without --resume must not train over an earlier run's checkpoints (it
+    would retrain, then fail to write its own): say so before any work."""
+    if complete_checkpoints(directory):
+        raise FileExistsError(f"{directory} holds an earlier run's checkpoints: add --resume to "
+                              "continue that run, or choose another --out")
 
 
 def load_checkpoint(path: Path, model, optimizer, device) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    model.load_state_dict(load_file(path / "model.safetensors", device=str(device)))
+    # Every file is read before anything is loaded: a damaged checkpoint changes nothing.
+    weights = load_file(path / "model.safetensors", device=str(device))
     flat = load_file(path / "optimizer.safetensors", device=str(device))
+    groups = json.loads((path / "optimizer.json").read_text())["param_groups"]
+    trainer = json.loads((path / "trainer.json").read_text())
     state: dict[int, dict] = {}
     for key, value in flat.items():
         p, name = key.split(".", 1)
         state.setdefault(int(p), {})[name] = value
-    groups = json.loads((path / "optimizer.json").read_text())["param_groups"]
+    model.load_state_dict(weights)
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     for slots in optimizer.state.values():  # Adam's step counters live on the CPU as float32
         if "step" in slots and slots["step"].dim() == 0:
             slots["step"] = slots["step"].to(torch.float32)
-    return json.loads((path / "trainer.json").read_text())
+    return trainer
 
 
 def truncate_log(path: Path, step: int) -> None:
     """Drop log lines a killed run wrote after the checkpoint it is resumed from."""
     if path.is_file():
-        lines = [line for line in path.read_text().splitlines()
-                 if json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in lines))
+        lines = [line for line in path.read_text().splitlines() if _step(line) <= step]
+        atomic.write_text(path, "".join(line + "\n" for line in lines))
+
+
+def _step(line: str) -> float:
+    """A log line's step; a line cut short by the kill (or not a record) counts as after."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
