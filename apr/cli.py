@@ -125,14 +125,18 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 
-def _config(args: argparse.Namespace) -> int:
+def _load_config(stage: str, config: str | None, overrides: list[str]):
     import importlib
 
+    module_name, class_name = CONFIGS[stage]
+    module = importlib.import_module(module_name)
+    return load(getattr(module, class_name), config, module.SECTION, overrides)
+
+
+def _config(args: argparse.Namespace) -> int:
     from apr.config import show
 
-    module = importlib.import_module(CONFIGS[args.config_stage][0])
-    cls = getattr(module, CONFIGS[args.config_stage][1])
-    print(show(load(cls, args.config, module.SECTION, args.overrides)), end="")
+    print(show(_load_config(args.config_stage, args.config, args.overrides)), end="")
     return 0
 
 
@@ -176,15 +180,24 @@ def _pipeline(args: argparse.Namespace) -> int:
         print(yaml.safe_dump_all(rbac_manifests(args.namespace, args.service_account),
                                  sort_keys=False), end="")
     elif args.pipeline_command == "submit":
-        bad = [a for a in args.arg if "=" not in a]
-        if bad:
-            raise InputError(f"--arg {bad[0]!r}: give NAME=VALUE, e.g. --arg preset=gpu-small")
-        run = pipeline.submit(args.host, dict(a.split("=", 1) for a in args.arg),
-                              args.experiment, args.package)
+        import os
+
+        token = os.environ.get("KF_PIPELINES_TOKEN") or None
+        if args.token_file:
+            try:
+                token = Path(args.token_file).read_text().strip()
+            except OSError as e:
+                raise InputError(f"--token-file {args.token_file}: {e.strerror}") from None
+        run = pipeline.submit(pipeline.Submission(
+            host=args.host, arguments=args.arg, experiment=args.experiment,
+            run_name=args.run_name, namespace=args.namespace, token=token,
+            register=args.register, version=args.version, package=args.package))
         print(f"run {run.run_id} submitted to {args.host}")
     else:
         overrides = {"datagen": args.datagen_set, "sft": args.sft_set, "grpo": args.grpo_set,
                      "evaluate": args.evaluate_set}
+        for stage in CONFIGS:  # as each task will load it: a typo fails now, not minutes later
+            _load_config(stage, args.preset, overrides[stage])
         summary = pipeline.run_local(args.workdir, args.preset, args.store, overrides)
         if summary["metrics"]:
             from apr.report import summary as report_summary
@@ -332,7 +345,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkout's pipelines/apr_pipeline.yaml)")
     c.add_argument("--experiment", default="apr")
     c.add_argument("--arg", action="append", default=[], metavar="NAME=VALUE",
-                   help="a pipeline parameter, e.g. preset=gpu-small (repeatable)")
+                   help="a pipeline parameter, e.g. preset=gpu-small or "
+                   "sft_overrides=[max_steps=100] (repeatable; typed as the pipeline declares)")
+    c.add_argument("--run-name", default=None, help="the run's name in the UI")
+    c.add_argument("--namespace", default=None, help="the Kubeflow profile (multi-user)")
+    c.add_argument("--token-file", default=None,
+                   help="a bearer token for the KFP API, e.g. a service-account token "
+                   "(default: $KF_PIPELINES_TOKEN, else none)")
+    c.add_argument("--register", default=None, metavar="NAME",
+                   help="register the package as pipeline NAME (a new version when it exists) "
+                   "and run that version, so it is listed in the UI")
+    c.add_argument("--version", default=None,
+                   help="the registered version's name (default: v<date>-<time>)")
     c = commands.add_parser("run", help="run the pipeline here through kfp.local")
     c.add_argument("--local", action="store_true", required=True,
                    help="use kfp.local's SubprocessRunner (the only runner here)")

@@ -34,6 +34,9 @@ PIPELINE_NAME = "apr-countdown"
 COMPILED = Path("pipelines") / "apr_pipeline.yaml"
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_NODE_LABEL = ("nvidia.com/gpu.present", "true")  # set by NVIDIA's GPU feature discovery
+# A GPU step's pod ends after this (activeDeadlineSeconds): a hung step never holds its GPU
+# for good. Generous, and a guess: the paper preset has not yet run on a GPU here.
+GPU_STEP_DEADLINE_S = 72 * 3600
 
 
 def _on_gpu(task: dsl.PipelineTask, image) -> dsl.PipelineTask:
@@ -45,6 +48,7 @@ def _on_gpu(task: dsl.PipelineTask, image) -> dsl.PipelineTask:
     task.set_memory_request("16Gi").set_cpu_request("4")
     kubernetes.add_toleration(task, key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
     kubernetes.add_node_selector(task, label_key=GPU_NODE_LABEL[0], label_value=GPU_NODE_LABEL[1])
+    kubernetes.set_timeout(task, GPU_STEP_DEADLINE_S)
     return task
 
 
@@ -85,6 +89,8 @@ def build(cluster: bool = True):
                              train_image=train_image, sglang_image=sglang_image,
                              timeout_s=grpo_timeout_s, sft_model=trained.outputs["model"],
                              data=data.outputs["data"]).set_display_name("GRPO APR")
+                # Never from cache: the step launches a GPU Job and stages files in the store.
+                final.set_caching_options(False)
                 if cluster:  # a CPU step: the GPUs are the Job's
                     final.set_container_image(image)
                     _with_store_credentials(final)
@@ -103,6 +109,9 @@ def build(cluster: bool = True):
         published = publish(model=models["apr"].outputs["model"], store=store, name=model_name,
                              version=model_version, s3_endpoint=s3_endpoint,
                              replace=replace_model).set_display_name("publish model")
+        # A side effect (the store's contents), never skipped as cached; the other steps are
+        # functions of their inputs and may be taken from KFP's cache.
+        published.set_caching_options(False)
         published.after(report)
         if cluster:
             for task in (data, report, published):

@@ -78,11 +78,17 @@ def test_yaml_loads_back_through_kfp_with_the_whole_dag():
         executor = k8s["exec-" + task]
         assert executor["tolerations"][0]["key"] == "nvidia.com/gpu"
         assert executor["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
+        assert int(executor["activeDeadlineSeconds"]) == pipeline.definition().GPU_STEP_DEADLINE_S
     for task in ("publish", "grpo"):  # both write to the store
         secret = k8s["exec-" + task]["secretAsEnv"][0]
         assert secret["secretName"] == "mlpipeline-minio-artifact"
         assert {e["envVar"] for e in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID",
                                                             "AWS_SECRET_ACCESS_KEY"}
+    # side effects (a GPU Job and staged files; the store's contents) are never taken from
+    # KFP's cache; the pure steps may be
+    cached = {name for name, task in tasks.items()
+              if task.get("cachingOptions", {}).get("enableCache")}
+    assert cached == set(tasks) - {"grpo", "publish"}
     launcher = executors["exec-grpo"]["container"]
     assert "accelerator" not in launcher.get("resources", {})  # the GPUs are the Job's
     assert tasks["grpo"]["inputs"]["parameters"]["launcher"]["runtimeValue"]["constant"] == "job"

@@ -1,7 +1,7 @@
 """Compile, submit and run locally the Kubeflow pipeline defined in `pipelines/apr_pipeline.py`.
 
     apr pipeline compile                 pipelines/apr_pipeline.yaml and components/<stage>.yaml
-    apr pipeline submit --host URL       uploads and runs it through kfp.Client
+    apr pipeline submit --host URL       runs it (registered with --register) through kfp.Client
     apr pipeline run --local             the same DAG through kfp.local on this machine
 
 The pipeline and its components live at the repository's top level (where Kubeflow users look
@@ -17,6 +17,8 @@ import logging
 import re
 import sys
 import time
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
@@ -60,28 +62,109 @@ def compile_all(root: str | Path | None = None) -> list[Path]:
     return written
 
 
-def submit(host: str, arguments: dict, experiment: str = "apr", package: str | Path | None = None):
+# What a value given as text must become for each KFP parameter type (the API refuses a
+# string where it declared a number, a flag or a list).
+_KINDS = {"STRING": (str,), "NUMBER_INTEGER": (int,), "NUMBER_DOUBLE": (int, float),
+          "BOOLEAN": (bool,), "LIST": (list,), "STRUCT": (dict,)}
+
+
+def parameter_types(package: str | Path) -> dict[str, str]:
+    """The pipeline's parameters and their KFP types, as its compiled YAML declares them."""
+    import yaml
+
+    try:  # the pipeline spec, then (kfp-kubernetes) its platform spec
+        spec = next(yaml.safe_load_all(Path(package).read_text()))
+        parameters = spec["root"]["inputDefinitions"]["parameters"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError, StopIteration) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InputError(f"--package {package} is not a compiled pipeline ({reason}): run "
+                         "`apr pipeline compile`") from None
+    return {name: p["parameterType"] for name, p in parameters.items()}
+
+
+def typed_arguments(pairs: list[str], types: dict[str, str]) -> dict:
+    """`NAME=VALUE` pairs as the values their parameters declare: a string parameter takes
+    the text as it is (`model_version=1.0` stays "1.0"); any other reads it as YAML
+    (`grpo_timeout_s=3600`, `replace_model=true`, `sft_overrides=[max_steps=10]`)."""
+    import yaml
+
+    arguments = {}
+    for pair in pairs:
+        name, equals, text = pair.partition("=")
+        if not equals:
+            raise InputError(f"--arg {pair!r}: give NAME=VALUE, e.g. --arg preset=gpu-small")
+        if name not in types:
+            raise InputError(f"--arg {name}: the pipeline has no such parameter; it has "
+                             f"{', '.join(sorted(types))}")
+        kind = types[name]
+        if kind == "STRING":
+            arguments[name] = text
+            continue
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = None
+        if not isinstance(value, _KINDS.get(kind, (object,))) or (
+                isinstance(value, bool) and kind != "BOOLEAN"):
+            raise InputError(f"--arg {name}={text}: the pipeline declares it {kind}; give "
+                             f"{_EXAMPLES.get(kind, 'a value of that type')}")
+        arguments[name] = value
+    return arguments
+
+
+_EXAMPLES = {"NUMBER_INTEGER": "an integer", "NUMBER_DOUBLE": "a number, e.g. 3600",
+             "BOOLEAN": "true or false", "LIST": "a YAML list, e.g. [max_steps=10]",
+             "STRUCT": "a YAML mapping"}
+
+
+@dataclass(frozen=True)
+class Submission:
+    """Where and how `apr pipeline submit` sends the compiled pipeline."""
+
+    host: str
+    arguments: list[str] = field(default_factory=list)  # NAME=VALUE, typed by the package
+    experiment: str = "apr"
+    run_name: str | None = None
+    namespace: str | None = None  # a multi-user Kubeflow profile
+    token: str | None = None  # a bearer token for the API (multi-user Kubeflow)
+    register: str | None = None  # also register the package as a pipeline of this name
+    version: str | None = None  # the registered version's name (default: a timestamp)
+    package: str | Path | None = None
+
+
+def submit(submission: Submission):
+    """Run the compiled pipeline; with `register`, first upload it as a pipeline (or a new
+    version of it) so it is listed in the UI, and run that version."""
     import kfp
 
-    package = package or repository_root() / definition().COMPILED
-    client = kfp.Client(host=host)
-    return client.create_run_from_pipeline_package(str(package), arguments=arguments,
-                                                   experiment_name=experiment)
+    package = Path(submission.package or repository_root() / definition().COMPILED)
+    arguments = typed_arguments(submission.arguments, parameter_types(package))
+    with warnings.catch_warnings():  # "only works with KFP v2.0.0-beta.2 and later": noise
+        warnings.simplefilter("ignore", FutureWarning)
+        client = kfp.Client(host=submission.host, existing_token=submission.token,
+                            namespace=submission.namespace or "kubeflow")
+    if submission.register is None:
+        return client.create_run_from_pipeline_package(
+            str(package), arguments=arguments, experiment_name=submission.experiment,
+            run_name=submission.run_name, namespace=submission.namespace)
+    pipeline_id = client.get_pipeline_id(submission.register)
+    if pipeline_id is None:  # a new pipeline, with the package as its first version
+        pipeline_id = client.upload_pipeline(str(package), pipeline_name=submission.register,
+                                             namespace=submission.namespace).pipeline_id
+        version = client.list_pipeline_versions(pipeline_id).pipeline_versions[0]
+    else:
+        version = client.upload_pipeline_version(
+            str(package), pipeline_id=pipeline_id,
+            pipeline_version_name=submission.version or time.strftime("v%Y%m%d-%H%M%S"))
+    experiment = client.create_experiment(submission.experiment, namespace=submission.namespace)
+    return client.run_pipeline(
+        experiment_id=experiment.experiment_id,
+        job_name=submission.run_name or f"{submission.register} {version.display_name}",
+        params=arguments, pipeline_id=pipeline_id, version_id=version.pipeline_version_id)
 
 
 class PipelineFailed(RuntimeError):
     """A task of the local run failed; its own log says why."""
-
-
-def check_configs(preset: str, overrides: dict[str, list[str]]) -> None:
-    """Every stage's config, loaded as its task will load it: a bad preset or key is an
-    InputError before any task runs."""
-    from apr.config import load
-    from apr.stages import CONFIGS
-
-    for stage, (module_name, class_name) in CONFIGS.items():
-        module = importlib.import_module(module_name)
-        load(getattr(module, class_name), preset, module.SECTION, overrides.get(stage, []))
 
 
 def run_local(workdir: str | Path, preset: str = "local", store: str | None = None,
@@ -89,7 +172,6 @@ def run_local(workdir: str | Path, preset: str = "local", store: str | None = No
     """The whole DAG through kfp.local's SubprocessRunner in this Python environment."""
     from kfp import local
 
-    check_configs(preset, overrides or {})  # a typo fails here, not in a task minutes later
     module = definition()
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
