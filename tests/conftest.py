@@ -121,12 +121,12 @@ class ServedApp:
 
     `settings`: more `uvicorn.Config` arguments (e.g. timeout_graceful_shutdown)."""
 
-    def __init__(self, app, **settings):
+    def __init__(self, app, port: int = 0, **settings):
         import threading
 
         import uvicorn
 
-        port = free_port()
+        port = port or free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
                                                     **{"log_level": "warning", **settings}))

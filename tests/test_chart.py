@@ -75,6 +75,8 @@ RENDERS = {
     "old_kubernetes": {"kube": "1.28.9"},
 }
 LINTS = {"defaults": {}, "all_on": ALL_ON, "bad_gpu_count": {"sglang": {"gpu": {"count": "two"}}}}
+# What an install must set (`helm install` with no flags fails, naming it): every variant has it.
+REQUIRED = {"model": {"uri": "s3://apr-models/models/apr-countdown/v1"}}
 
 
 def merged(base: dict, override: dict) -> dict:
@@ -82,6 +84,10 @@ def merged(base: dict, override: dict) -> dict:
     for key, value in override.items():
         out[key] = merged(out.get(key) or {}, value) if isinstance(value, dict) else value
     return out
+
+
+RENDERS = {name: merged(REQUIRED, values) for name, values in RENDERS.items()} | {"zero_flags": {}}
+LINTS = {name: merged(REQUIRED, values) for name, values in LINTS.items()}
 
 
 def need(available: bool, what: str) -> None:
@@ -273,6 +279,11 @@ def test_schema_rejects_a_bad_value_at_install(helm):
     assert "/sglang/gpu/count" in error and "want integer" in error, error
 
 
+def test_an_install_with_no_flags_fails_naming_the_value_to_set(helm):
+    error = helm["render"]["zero_flags"].get("error", "")
+    assert "model.uri is required" in error and "--set model.uri=" in error, error
+
+
 def test_auth_without_a_secret_is_refused(helm):
     assert "existingSecret" in helm["render"]["auth_without_secret"].get("error", "")
 
@@ -365,12 +376,13 @@ def test_sglang_command_gpu_and_shm(rendered):
     sglang = container(rendered("all_on"), "sglang")
     assert sglang["command"][:3] == ["python3", "-m", "sglang.launch_server"]
     args = sglang["command"]
-    for flag, value in (("--model-path", "/models/current"), ("--host", "0.0.0.0"), ("--port", "30000")):
+    # loopback only: SGLang's pause and weight-update API is not for the network
+    for flag, value in (("--model-path", "/models/current"), ("--host", "127.0.0.1"), ("--port", "30000")):
         assert args[args.index(flag) + 1] == value
     assert "--enable-metrics" in args and "--allow-auto-truncate" in args
     assert args[-2:] == ["--mem-fraction-static", "0.85"]  # extraArgs, last
     assert env_of(sglang)["NCCL_DEBUG"]["value"] == "WARN"
-    assert {"name": "sglang", "containerPort": 30000, "protocol": "TCP"} in sglang["ports"]
+    assert "ports" not in sglang  # nothing dials it over the network
     assert container(rendered("defaults"), "sglang")["resources"]["limits"]["nvidia.com/gpu"] == 1
     custom = rendered("custom")
     limits = container(custom, "sglang")["resources"]["limits"]
@@ -382,20 +394,19 @@ def test_sglang_command_gpu_and_shm(rendered):
 
 
 def test_probes(rendered):
-    # The GRPO sidecar's check (exec probes there, httpGet here).
+    # The GRPO sidecar's check: SGLang on loopback, so exec probes from inside the container.
     from test_k8s import sglang_probe_problems
 
     for variant, budget, generates in (("defaults", 1200, "false"), ("custom", 1500, "true")):
         sglang = container(rendered(variant), "sglang")
-        # kubelet dials the pod IP: SGLang must listen on it, and the named port be its port.
-        assert sglang_probe_problems(sglang) == ([], {"httpGet"})
+        assert sglang_probe_problems(sglang) == ([], {"exec"})
         startup = sglang["startupProbe"]
-        assert startup["httpGet"] == {"path": "/health_generate", "port": "sglang"}
+        assert "/health_generate" in startup["exec"]["command"][-1]
         assert startup["periodSeconds"] * startup["failureThreshold"] == budget
         assert env_of(sglang)["SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION"]["value"] == generates
     sglang, server = container(rendered("defaults"), "sglang"), container(rendered("defaults"), "apr-server")
-    assert sglang["readinessProbe"]["httpGet"]["path"] == "/ready"
-    assert sglang["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert "127.0.0.1:30000/ready'" in sglang["readinessProbe"]["exec"]["command"][-1]
+    assert "127.0.0.1:30000/health'" in sglang["livenessProbe"]["exec"]["command"][-1]
     assert server["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert server["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
 
@@ -447,12 +458,42 @@ def test_scheduling_and_pod_metadata(rendered):
 # Service, ServiceAccount, PodDisruptionBudget
 
 
+def test_the_sglang_probes_run_and_fail_on_a_non_200(rendered):
+    """The exec probes, run as kubelet would run them, against a server on SGLang's address:
+    0 while it answers 200, non-zero on a 503 (paused) and when nothing listens."""
+    import socket
+    import subprocess
+
+    from conftest import ServedApp
+    from fastapi import FastAPI, Response
+
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", 30000)) == 0:
+            pytest.skip("port 30000 is taken here")
+    status = {"code": 200}
+    stand_in = FastAPI()
+    for path in ("/ready", "/health", "/health_generate"):
+        stand_in.add_api_route(path, lambda: Response(status_code=status["code"]))
+    sglang = container(rendered("defaults"), "sglang")
+    commands = [sglang[p]["exec"]["command"] for p in ("startupProbe", "readinessProbe",
+                                                      "livenessProbe")]
+
+    def exit_codes():
+        return [subprocess.run(c, capture_output=True, timeout=60).returncode for c in commands]
+
+    with ServedApp(stand_in, port=30000):
+        assert exit_codes() == [0, 0, 0]
+        status["code"] = 503
+        assert all(code != 0 for code in exit_codes())
+    assert all(code != 0 for code in exit_codes())
+
+
 def test_service_selects_the_serving_pod_and_not_the_test_pod(rendered):
     objs = rendered("defaults")
     service = one(objs, "Service")
     assert service["metadata"]["name"] == FULLNAME
     ports = {p["name"]: (p["port"], p["targetPort"]) for p in service["spec"]["ports"]}
-    assert ports == {"http": (8000, "http"), "sglang-metrics": (30000, "sglang")}
+    assert ports == {"http": (8000, "http")}  # the APR API only, never SGLang's
     selector = service["spec"]["selector"]
     deployment = one(objs, "Deployment")
     assert deployment["spec"]["selector"]["matchLabels"] == selector
@@ -488,7 +529,7 @@ def test_monitoring_needs_both_flags(rendered, variant):
     assert of_kind(objs, "ServiceMonitor") == [] and of_kind(objs, "PrometheusRule") == []
 
 
-def test_service_monitor_scrapes_both_ports(rendered):
+def test_service_monitor_scrapes_both_servers_through_the_apr_port(rendered):
     objs = rendered("all_on")
     monitor = one(objs, "ServiceMonitor")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
@@ -497,7 +538,8 @@ def test_service_monitor_scrapes_both_ports(rendered):
     assert spec["selector"]["matchLabels"].items() <= one(objs, "Service")["metadata"]["labels"].items()
     assert spec["namespaceSelector"] == {"matchNames": [NAMESPACE]}
     service_ports = {p["name"] for p in one(objs, "Service")["spec"]["ports"]}
-    assert {(e["port"], e["path"]) for e in spec["endpoints"]} == {("http", "/metrics"), ("sglang-metrics", "/metrics")}
+    assert {(e["port"], e["path"]) for e in spec["endpoints"]} == {("http", "/metrics"),
+                                                                 ("http", "/engine/metrics")}
     assert {e["port"] for e in spec["endpoints"]} <= service_ports
     for endpoint in spec["endpoints"]:
         assert re.fullmatch(r"\d+[smh]", endpoint["interval"]) and re.fullmatch(r"\d+[smh]", endpoint["scrapeTimeout"])

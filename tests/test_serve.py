@@ -516,3 +516,29 @@ def test_sigterm_ends_the_server_even_with_solves_stuck_on_the_engine(tmp_path):
         finally:
             server.kill()
     assert code is not None, server.stderr.read().decode()
+
+
+def test_the_engines_metrics_are_passed_on_without_its_port(corpus):
+    """SGLang listens on the pod's loopback; Prometheus reads its metrics through the APR
+    server (`/engine/metrics`, open like `/metrics`), never from SGLang's port."""
+    from conftest import ServedApp
+    from fastapi import FastAPI
+    from fastapi.responses import PlainTextResponse
+
+    from apr.decode.sglang import SGLangEngine
+
+    sglang = FastAPI()
+    exposition = '# TYPE sglang:num_running_reqs gauge\nsglang:num_running_reqs{model_name="m"} 3.0\n'
+
+    @sglang.get("/metrics", response_class=PlainTextResponse)
+    async def sglang_metrics():
+        return exposition
+
+    with ServedApp(sglang) as engine, client_for(SGLangEngine(engine.url), token="t0ken") as client:
+        answer = client.get("/engine/metrics")  # no token: a scrape path
+        assert answer.status_code == 200 and answer.text == exposition
+        assert answer.headers["content-type"].startswith("text/plain")
+    with client_for(SGLangEngine(f"http://127.0.0.1:{free_port()}")) as client:  # nobody there
+        down = client.get("/engine/metrics")
+    assert down.status_code == 503 and down.json()["kind"] == "engine_unavailable"
+    assert client_for(OracleEngine(corpus)).get("/engine/metrics").status_code == 404

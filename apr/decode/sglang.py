@@ -23,6 +23,7 @@ SGLANG_VERSION = "0.5.23"
 
 # Routes
 GENERATE = "/generate"
+METRICS = "/metrics"
 HEALTH = "/health"
 HEALTH_GENERATE = "/health_generate"
 READY = "/ready"
@@ -173,6 +174,18 @@ class SGLangEngine:
             if response.status_code == 200:
                 return response.json()
         raise EngineError(f"{self.base_url} serves neither {MODEL_INFO} nor {MODEL_INFO_OLD}")
+
+    async def metrics(self) -> tuple[int, str, str]:
+        """The server's Prometheus exposition (`--enable-metrics`): status, content type, text.
+        The APR server passes it on, so SGLang's port need not be reachable by Prometheus."""
+        import httpx
+
+        try:
+            response = await self._client.get(METRICS, timeout=10.0)
+        except httpx.HTTPError as e:
+            raise EngineError(f"{self.base_url}{METRICS} unreachable: {e!r}") from e
+        return (response.status_code, response.headers.get("content-type", "text/plain"),
+                response.text)
 
     async def flush_cache(self) -> None:
         await self._post(FLUSH_CACHE, {})

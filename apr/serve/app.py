@@ -77,7 +77,8 @@ async def _ready(engine: Engine) -> bool:
         return False
 
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scraping
+ENGINE_METRICS = "/engine/metrics"  # the engine's own /metrics, passed on
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", ENGINE_METRICS})  # probes, scraping
 
 
 def authorized(header: str, token: str) -> bool:
@@ -261,6 +262,25 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits(), token: str
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get(ENGINE_METRICS, response_class=PlainTextResponse)
+    async def engine_metrics():
+        """SGLang's metrics through this server: SGLang listens on the pod's loopback only
+        (its weight-update API is not for the network), and Prometheus scrapes them here."""
+        fetch = getattr(engine.engine, "metrics", None)
+        if fetch is None:
+            return _problem(f"the {engine_name} engine has no metrics of its own", 404,
+                            "not_found", metrics)
+        try:
+            status, content_type, text = await fetch()
+        except EngineError as e:
+            log.warning("engine metrics unavailable: %s", e)
+            return _problem("the engine's metrics are unavailable", 503, "engine_unavailable",
+                            metrics)
+        if status != 200:
+            return _problem(f"the engine answered {status} for its metrics (is SGLang started "
+                            "with --enable-metrics?)", 503, "engine_unavailable", metrics)
+        return Response(text, media_type=content_type)
 
     def openapi() -> dict:
         if app.openapi_schema is None:

@@ -7,7 +7,7 @@ come from a Secret, never from values.
 - name: pull-model
   image: {{ include "apr-server.image" .Values.image.apr }}
   imagePullPolicy: {{ .Values.image.apr.pullPolicy }}
-  command: ["apr", "pull", "--uri", {{ .Values.model.uri | quote }}, "--out", "/models/current"]
+  command: ["apr", "pull", "--uri", {{ required "model.uri is required: the published model to serve, e.g. --set model.uri=s3://apr-models/models/apr-countdown/v1" .Values.model.uri | quote }}, "--out", "/models/current"]
   env:
     - name: S3_ENDPOINT
       value: {{ .Values.model.s3.endpoint | quote }}

@@ -1,6 +1,6 @@
 {{/*
 apr-server.sglangContainer: the SGLang engine on the pod's GPU(s), serving the pulled model on
-port 30000 with Prometheus metrics. The probes follow SGLang's http_server.py: /health_generate
+the pod's loopback, port 30000, with Prometheus metrics (passed on by the APR server). The probes follow SGLang's http_server.py: /health_generate
 runs one decode step (startup), /ready says whether it takes requests, /health is cheap unless
 sglang.livenessGenerates is set.
 */}}
@@ -15,7 +15,7 @@ sglang.livenessGenerates is set.
     - --model-path
     - /models/current
     - --host
-    - 0.0.0.0
+    - 127.0.0.1
     - --port
     - "30000"
     - --enable-metrics
@@ -29,29 +29,24 @@ sglang.livenessGenerates is set.
     {{- with .Values.sglang.env }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
-  ports:
-    - name: sglang
-      containerPort: 30000
-      protocol: TCP
-  # Timeouts above SGLang's own 20 s wait for a generated token (SGLANG_HEALTH_CHECK_TIMEOUT).
+  # SGLang listens on loopback and kubelet's httpGet probes dial the pod IP: each probe asks
+  # from inside the container (a non-200 answer raises, the probe fails). Timeouts are above
+  # SGLang's own 20 s wait for a generated token (SGLANG_HEALTH_CHECK_TIMEOUT).
   startupProbe:
-    httpGet:
-      path: /health_generate
-      port: sglang
+    exec:
+      command: {{ include "apr-server.sglangProbe" (dict "path" "/health_generate" "timeout" 25) }}
     periodSeconds: {{ .Values.sglang.startupProbe.periodSeconds }}
     failureThreshold: {{ .Values.sglang.startupProbe.failureThreshold }}
     timeoutSeconds: 30
   readinessProbe:
-    httpGet:
-      path: /ready
-      port: sglang
+    exec:
+      command: {{ include "apr-server.sglangProbe" (dict "path" "/ready" "timeout" 4) }}
     periodSeconds: 10
     failureThreshold: 3
     timeoutSeconds: 5
   livenessProbe:
-    httpGet:
-      path: /health
-      port: sglang
+    exec:
+      command: {{ include "apr-server.sglangProbe" (dict "path" "/health" "timeout" 25) }}
     periodSeconds: 20
     failureThreshold: 3
     timeoutSeconds: 30
@@ -71,4 +66,12 @@ sglang.livenessGenerates is set.
       readOnly: true
     - name: dshm
       mountPath: /dev/shm
+{{- end }}
+
+{{/*
+apr-server.sglangProbe: an exec probe's command, a GET of SGLang's `path` on loopback (JSON
+list); urllib raises on any answer but 2xx, so the probe fails then.
+*/}}
+{{- define "apr-server.sglangProbe" -}}
+["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:30000{{ .path }}', timeout={{ .timeout }})"]
 {{- end }}
