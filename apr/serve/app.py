@@ -263,7 +263,10 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits(), token: str
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get(ENGINE_METRICS, response_class=PlainTextResponse)
+    @app.get(ENGINE_METRICS, responses={
+        200: {"content": {"text/plain": {}}, "description": "the engine's Prometheus metrics"},
+        404: {"model": ErrorResponse, "description": "the engine has no metrics of its own"},
+        503: {"model": ErrorResponse, "description": "the engine's metrics are unavailable"}})
     async def engine_metrics():
         """SGLang's metrics through this server: SGLang listens on the pod's loopback only
         (its weight-update API is not for the network), and Prometheus scrapes them here."""
