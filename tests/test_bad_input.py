@@ -317,6 +317,7 @@ def never_listen(monkeypatch):
     monkeypatch.setattr(uvicorn, "run", refuse)
 
 
+@pytest.mark.slow  # 15 s with its fixtures: CI runs it (`make test`), the minute loop does not
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_fails_with_one_clear_line(case, good, capsys):
     argv = CASES[case](good)

@@ -458,6 +458,7 @@ def test_scheduling_and_pod_metadata(rendered):
 # Service, ServiceAccount, PodDisruptionBudget
 
 
+@pytest.mark.slow
 def test_the_sglang_probes_run_and_fail_on_a_non_200(rendered):
     """The exec probes, run as kubelet would run them, against a server on SGLang's address:
     0 while it answers 200, non-zero on a 503 (paused) and when nothing listens."""

@@ -75,6 +75,7 @@ def _run_request(seen: list[dict]) -> dict:
     return json.loads(request["body"])
 
 
+@pytest.mark.slow
 def test_arguments_are_sent_as_the_types_the_pipeline_declares(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))  # no kfp context from the machine
     monkeypatch.setenv("KF_PIPELINES_TOKEN", "secret-token")
@@ -94,6 +95,7 @@ def test_arguments_are_sent_as_the_types_the_pipeline_declares(capsys, monkeypat
     assert "run r-1 submitted" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("existing", [False, True])
 def test_register_lists_the_pipeline_and_runs_its_version(existing, monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))

@@ -192,6 +192,7 @@ def test_a_chunked_body_over_the_limit_is_refused(corpus):
     assert answer.status_code == 413 and answer.json()["kind"] == "body_too_large"
 
 
+@pytest.mark.slow
 def test_a_half_sent_body_gets_a_408_not_a_held_connection(corpus, solved):
     """A client that sent half its body and stopped once held its connection and task with
     no end."""
@@ -518,6 +519,7 @@ def test_sigterm_ends_the_server_even_with_solves_stuck_on_the_engine(tmp_path):
     assert code is not None, server.stderr.read().decode()
 
 
+@pytest.mark.slow
 def test_the_engines_metrics_are_passed_on_without_its_port(corpus):
     """SGLang listens on the pod's loopback; Prometheus reads its metrics through the APR
     server (`/engine/metrics`, open like `/metrics`), never from SGLang's port."""
