@@ -180,14 +180,7 @@ def _pipeline(args: argparse.Namespace) -> int:
         print(yaml.safe_dump_all(rbac_manifests(args.namespace, args.service_account),
                                  sort_keys=False), end="")
     elif args.pipeline_command == "submit":
-        import os
-
-        token = os.environ.get("KF_PIPELINES_TOKEN") or None
-        if args.token_file:
-            try:
-                token = Path(args.token_file).read_text().strip()
-            except OSError as e:
-                raise InputError(f"--token-file {args.token_file}: {e.strerror}") from None
+        token = _token(args.token_file, "KF_PIPELINES_TOKEN")
         run = pipeline.submit(pipeline.Submission(
             host=args.host, arguments=args.arg, experiment=args.experiment,
             run_name=args.run_name, namespace=args.namespace, token=token,
@@ -207,23 +200,29 @@ def _pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _token(token_file: str | None, variable: str) -> str | None:
+    """A bearer token: the file's content (a mounted Secret), else $variable, else None."""
     import os
 
+    if not token_file:
+        return os.environ.get(variable) or None
+    try:
+        token = Path(token_file).read_text().strip()
+    except OSError as e:
+        raise InputError(f"--token-file {token_file}: {e.strerror}") from None
+    if not token:
+        raise InputError(f"--token-file {token_file} is empty")
+    return token
+
+
+def _serve(args: argparse.Namespace) -> int:
     from apr.serve.app import ServerLimits, serve
 
     if args.engine == "sglang" and not args.engine_url:
         raise InputError(f"--engine {args.engine} needs --engine-url (e.g. http://127.0.0.1:30000)")
     if args.engine == "local" and not args.model:
         raise InputError("--engine local needs --model (a model directory)")
-    token = os.environ.get("APR_API_TOKEN") or None
-    if args.token_file:
-        try:
-            token = Path(args.token_file).read_text().strip()
-        except OSError as e:
-            raise InputError(f"--token-file {args.token_file}: {e.strerror}") from None
-        if not token:
-            raise InputError(f"--token-file {args.token_file} is empty")
+    token = _token(args.token_file, "APR_API_TOKEN")
     max_tokens = args.max_tokens or ServerLimits.max_tokens
     if args.engine == "local":
         from apr.model import positions
