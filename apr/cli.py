@@ -191,7 +191,8 @@ def _pipeline(args: argparse.Namespace) -> int:
                      "evaluate": args.evaluate_set}
         for stage in CONFIGS:  # as each task will load it: a typo fails now, not minutes later
             _load_config(stage, args.preset, overrides[stage])
-        summary = pipeline.run_local(args.workdir, args.preset, args.store, overrides)
+        summary = pipeline.run_local(args.workdir, args.preset, args.store, overrides,
+                                     verbose=args.verbose)
         if summary["metrics"]:
             from apr.report import summary as report_summary
 
@@ -362,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--preset", default="local")
     c.add_argument("--workdir", default="runs/pipeline", help="pipeline root and local store")
     c.add_argument("--store", default=None, help="publish to this s3:// URI instead")
+    c.add_argument("--verbose", action="store_true",
+                   help="stream every task's log here (default: a line per task, the logs in "
+                   "WORKDIR/pipeline.log)")
     for stage in ("datagen", "sft", "grpo", "evaluate"):
         c.add_argument(f"--{stage}-set", action="append", default=[], metavar="KEY=VALUE",
                        help=f"override a {stage} config field (repeatable)")

@@ -8,10 +8,12 @@ total-tokens plot also draws each setting's accuracy under a total-token budget 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Sequence
 
 from apr.config import InputError
-from apr.countdown.threads import APR, SOS, STYLE_NAMES
+from apr.countdown.threads import APR, CHILD, PARENT, SOS, STYLE_NAMES, Thread
 
 PLOTS = {"context": "accuracy_vs_context.png", "tokens": "accuracy_vs_total_tokens.png",
          "latency": "accuracy_vs_latency.png"}
@@ -132,7 +134,42 @@ def markdown(metrics: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(
                 f"{100 * at[str(t)]:.1f}%" if str(t) in at else "-" for t in budgets) + " |")
     lines += [""] + [f"![{key}]({file})" for key, file in PLOTS.items()] + [""]
-    return "\n".join(lines)
+    return "\n".join(lines + _example(metrics["settings"]))
+
+
+def _example(settings: dict) -> list[str]:
+    """One solved APR problem, its parent and children as the model wrote them."""
+    name = next((n for n, m in settings.items() if n.startswith(APR) and "example" in m), None)
+    if name is None:
+        if any(n.startswith(APR) for n in settings):
+            return ["## A solved APR trace", "", "None: the APR model solved none of these "
+                    "problems.", ""]
+        return []
+    example = settings[name]["example"]
+    threads = [Thread.from_json(t) for t in example["threads"]]
+    return ["## A solved APR trace", "",
+            f"Problem {example['id']} ({name}): reach {example['target']} from "
+            f"{example['nums']}; {example['children']} children; the solution "
+            f"{', '.join(example['solution'] or [])} checked by the verifier.", "",
+            "```text", *trace_text(threads), "```", ""]
+
+
+def trace_text(threads: Sequence[Thread]) -> list[str]:
+    """A solve's threads as one text: each parent segment as written, the children of its
+    spawn indented after it, and then what the join put in place of the call (the children's
+    outcomes) before the parent goes on."""
+    lines: list[str] = []
+    parent_so_far = ""
+    for segment in (t for t in threads if t.role == PARENT):
+        common = os.path.commonprefix([parent_so_far, segment.prompt])
+        common = common[:common.rfind("\n") + 1]  # the join replaced the call's whole lines
+        lines += ["[parent]" if not parent_so_far else "[parent, after the join]",
+                  *(segment.prompt[len(common):] + segment.text).splitlines()]
+        parent_so_far = segment.prompt + segment.text
+        for child in (t for t in threads if t.role == CHILD and t.spawn == segment.spawn):
+            lines += [f"    [child {child.index}]",
+                      *("    " + line for line in (child.prompt + child.text).splitlines())]
+    return lines
 
 
 def _models(metrics: dict) -> str:
@@ -190,8 +227,15 @@ def html(metrics: dict, directory: Path) -> str:
     out = ["<!doctype html><meta charset=utf-8><title>APR evaluation</title>",
            "<style>body{font-family:sans-serif}td{border:1px solid #ccc;padding:2px 6px}"
            "table{border-collapse:collapse}</style>"]
-    in_table = False
+    in_table = in_code = False
     for line in markdown(metrics).splitlines():
+        if line.startswith("```"):
+            out.append("</pre>" if in_code else "<pre>")
+            in_code = not in_code
+            continue
+        if in_code:
+            out.append(escape(line))
+            continue
         is_row = line.startswith("|")
         if in_table and not is_row:
             out.append("</table>")
@@ -209,6 +253,8 @@ def html(metrics: dict, directory: Path) -> str:
             out.append(f'<img alt="{escape(name)}" src="data:image/png;base64,{data}">')
         elif line.startswith("# "):
             out.append(f"<h1>{escape(line[2:])}</h1>")
+        elif line.startswith("## "):
+            out.append(f"<h2>{escape(line[3:])}</h2>")
         elif line:
             out.append(f"<p>{escape(line)}</p>")
     if in_table:

@@ -7,7 +7,12 @@ one and checks every file it downloads against it. Remote I/O goes through the `
 the environment and are never logged:
 
     S3_ENDPOINT (or AWS_ENDPOINT_URL)   e.g. http://minio.kubeflow:9000 (https:// for TLS)
-    AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY   (or MINIO_ACCESS_KEY / MINIO_SECRET_KEY)
+    S3_CREDENTIALS                      keys (default), iam or anonymous
+    keys: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY   (or MINIO_ACCESS_KEY / MINIO_SECRET_KEY)
+    iam: the pod's role, as the AWS SDKs find it: a web-identity token (IRSA:
+         AWS_WEB_IDENTITY_TOKEN_FILE, AWS_ROLE_ARN, AWS_ENDPOINT_URL_STS), the container
+         credentials endpoint (EKS Pod Identity) or the instance's metadata
+    anonymous: unsigned requests (a public bucket)
 """
 
 from __future__ import annotations
@@ -50,13 +55,18 @@ class ChecksumMismatch(StorageError):
     pass
 
 
+CREDENTIALS = ("keys", "iam", "anonymous")  # S3_CREDENTIALS: how requests are signed
+
+
 @dataclass(frozen=True)
 class S3Settings:
     endpoint: str  # host:port
     secure: bool
-    access_key: str = field(repr=False)
-    secret_key: str = field(repr=False)
+    access_key: str = field(default="", repr=False)
+    secret_key: str = field(default="", repr=False)
     region: str | None = None
+    credentials: str = "keys"  # one of CREDENTIALS
+    sts_endpoint: str | None = None  # iam with a web-identity token: where to exchange it
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, endpoint: str = "") -> S3Settings:
@@ -65,14 +75,20 @@ class S3Settings:
         env = dict(os.environ if env is None else env)
         url = (endpoint or env.get("S3_ENDPOINT") or env.get("AWS_ENDPOINT_URL")
                or env.get("MINIO_ENDPOINT"))
-        access = env.get("AWS_ACCESS_KEY_ID") or env.get("MINIO_ACCESS_KEY")
-        secret = env.get("AWS_SECRET_ACCESS_KEY") or env.get("MINIO_SECRET_KEY")
-        if not url or not access or not secret:
-            raise InputError("s3:// URIs need S3_ENDPOINT, AWS_ACCESS_KEY_ID and "
-                             "AWS_SECRET_ACCESS_KEY in the environment (from a Kubernetes Secret)")
+        mode = env.get("S3_CREDENTIALS") or "keys"
+        if mode not in CREDENTIALS:
+            raise InputError(f"S3_CREDENTIALS={mode}: use one of {', '.join(CREDENTIALS)}")
+        access = env.get("AWS_ACCESS_KEY_ID") or env.get("MINIO_ACCESS_KEY") or ""
+        secret = env.get("AWS_SECRET_ACCESS_KEY") or env.get("MINIO_SECRET_KEY") or ""
+        if not url or (mode == "keys" and not (access and secret)):
+            raise InputError("s3:// URIs need S3_ENDPOINT, and AWS_ACCESS_KEY_ID and "
+                             "AWS_SECRET_ACCESS_KEY in the environment (from a Kubernetes "
+                             "Secret), or S3_CREDENTIALS=iam (the pod's role) or anonymous")
         parsed = urlparse(url if "://" in url else f"http://{url}")
-        return cls(parsed.netloc, parsed.scheme == "https", access, secret,
-                   env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"))
+        keys = (access, secret) if mode == "keys" else ("", "")
+        return cls(parsed.netloc, parsed.scheme == "https", *keys,
+                   env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"), mode,
+                   env.get("AWS_ENDPOINT_URL_STS"))
 
     @property
     def url(self) -> str:
@@ -81,6 +97,13 @@ class S3Settings:
     def client(self):
         from minio import Minio
 
+        if self.credentials == "iam":
+            from minio.credentials import IamAwsProvider
+
+            return Minio(self.endpoint, secure=self.secure, region=self.region,
+                         credentials=IamAwsProvider(custom_endpoint=self.sts_endpoint))
+        if self.credentials == "anonymous":
+            return Minio(self.endpoint, secure=self.secure, region=self.region)
         return Minio(self.endpoint, access_key=self.access_key, secret_key=self.secret_key,
                      secure=self.secure, region=self.region)
 
@@ -220,6 +243,19 @@ def is_complete(uri: str | Path, settings: S3Settings | None = None) -> bool:
         return False
 
 
+def _fetch(client, bucket: str, name: str, target: Path) -> None:
+    """One object into `target`, streamed: a GET alone (fget_object adds a HEAD first, which
+    a store granting only s3:GetObject, a public bucket say, may refuse)."""
+    response = client.get_object(bucket, name)
+    try:
+        with open(target, "wb") as f:
+            for chunk in response.stream(1 << 20):
+                f.write(chunk)
+    finally:
+        response.close()
+        response.release_conn()
+
+
 def download(uri: str | Path, local: str | Path, settings: S3Settings | None = None) -> Path:
     """Fetch a complete artifact into `local` (created whole or not at all), verifying every file."""
     local = Path(local)
@@ -239,7 +275,7 @@ def download(uri: str | Path, local: str | Path, settings: S3Settings | None = N
             target.parent.mkdir(parents=True, exist_ok=True)
             if is_remote(uri):
                 name = f"{prefix}/{relative}" if prefix else relative
-                retry(lambda: client.fget_object(bucket, name, str(target)), f"download {relative}")
+                retry(lambda: _fetch(client, bucket, name, target), f"download {relative}")
             else:
                 shutil.copyfile(Path(uri) / relative, target)
             if target.stat().st_size != expected["size"] or sha256(target) != expected["sha256"]:

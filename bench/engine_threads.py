@@ -55,7 +55,7 @@ def main() -> None:
             for name, threads in settings.items():
                 torch.set_num_threads(threads)
                 started = time.perf_counter()
-                rows = asyncio.run(evaluate(engine, problems, config, progress=False))
+                rows, _ = asyncio.run(evaluate(engine, problems, config, progress=False))
                 seconds[name].append(time.perf_counter() - started)
                 tokens[name] = sum(row["tokens"]["generated"] for row in rows)
                 print(f"round {r}, {name}: {seconds[name][-1]:.1f} s, {tokens[name]} tokens",

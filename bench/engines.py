@@ -53,7 +53,7 @@ async def one_run(engine_name: str, local: LocalEngine, urls: dict[str, str],
     engine = local if engine_name == "local" else SGLangEngine(urls[engine_name])
     started = time.perf_counter()
     try:
-        rows = await evaluate(engine, problems, config, progress=False)
+        rows, _ = await evaluate(engine, problems, config, progress=False)
     finally:
         if engine is not local:
             await engine.close()

@@ -131,7 +131,7 @@ def measure(engine: LocalEngine, problems_dir: str, problems_n: int = 1000, cont
     asyncio.run(evaluate(engine, problems[:8], config, progress=False))  # warm-up
     engine.stats = DecodeStats()
     started = time.perf_counter()
-    rows = asyncio.run(evaluate(engine, problems, config, progress=False))
+    rows, _ = asyncio.run(evaluate(engine, problems, config, progress=False))
     wall = time.perf_counter() - started
     stats = dataclasses.replace(engine.stats)  # before the spawn-cost solves add to it
     ratios = asyncio.run(spawn_cost(engine, problems, context, k_children)) if k_children else []

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_dashboards import SGLANG_METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "apr-server"
@@ -48,6 +49,15 @@ ALL_ON = {
     "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
         {"matchExpressions": [{"key": "nvidia.com/gpu.count", "operator": "Gt", "values": ["0"]}]}]}}},
     "service": {"annotations": {"example.com/s": "t"}},
+    "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 6, "inFlightPerPod": 8},
+    "ingress": {"enabled": True, "className": "nginx", "annotations": {"example.com/i": "j"},
+                "hosts": [{"host": "apr.example.com", "paths": [{"path": "/v1"},
+                                                                {"path": "/docs", "pathType": "Exact"}]}],
+                "tls": [{"secretName": "apr-tls", "hosts": ["apr.example.com"]}]},
+    "networkPolicy": {"enabled": True, "from": [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]},
+    "runtimeClassName": "nvidia",
+    "global": {"imageRegistry": "registry.example.com"},  # an umbrella chart's
 }
 # Every rendering the tests look at, made in one child process: name -> values (and Kubernetes).
 RENDERS = {
@@ -71,6 +81,10 @@ RENDERS = {
                                                                "errorRatio": 0.2}},
                "strategy": {"type": "RollingUpdate"}, "fullnameOverride": "apr"},
     "bad_gpu_count": {"sglang": {"gpu": {"count": "two"}}},
+    "network_default": {"networkPolicy": {"enabled": True}, "model": {"servedName": "countdown-prod"}},
+    "anonymous": {"model": {"s3": {"credentials": "anonymous"}}},
+    "iam": {"model": {"s3": {"credentials": "iam"}},
+            "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/r"}}},
     "auth_without_secret": {"server": {"auth": {"enabled": True}}},
     "old_kubernetes": {"kube": "1.28.9"},
 }
@@ -110,6 +124,9 @@ def _serve_discovery(kube_version: list[str]):
                            ("serviceaccounts", "ServiceAccount"), ("secrets", "Secret")],
               ("apps", "v1"): [("deployments", "Deployment")],
               ("policy", "v1"): [("poddisruptionbudgets", "PodDisruptionBudget")],
+              ("autoscaling", "v2"): [("horizontalpodautoscalers", "HorizontalPodAutoscaler")],
+              ("networking.k8s.io", "v1"): [("ingresses", "Ingress"),
+                                            ("networkpolicies", "NetworkPolicy")],
               ("monitoring.coreos.com", "v1"): [("servicemonitors", "ServiceMonitor"),
                                                 ("prometheusrules", "PrometheusRule")]}
 
@@ -372,6 +389,51 @@ def test_pull_model_reads_credentials_only_from_secrets(rendered):
                     assert "value" not in e and "secretKeyRef" in e["valueFrom"], e
 
 
+@pytest.mark.parametrize("mode", ["anonymous", "iam"])
+def test_pull_model_needs_no_secret_with_a_role_or_a_public_bucket(rendered, mode):
+    env = env_of(container(rendered(mode), "pull-model"))
+    assert env["S3_CREDENTIALS"]["value"] == mode
+    assert not [e for e in env.values() if "valueFrom" in e]  # no Secret to create first
+    assert env_of(container(rendered("defaults"), "pull-model"))["S3_CREDENTIALS"]["value"] == "keys"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["defaults", "anonymous"])
+def test_the_pull_container_runs_with_its_own_command_and_env(rendered, variant, s3, tmp_path):
+    """The init container's rendered command and env, run here: the Secret's keys resolved,
+    the store's cluster address mapped to the S3 server on loopback, /models to a folder."""
+    from conftest import S3_KEYS
+
+    from apr import model as model_lib
+    from apr import storage
+
+    secrets = {("mlpipeline-minio-artifact", "accesskey"): S3_KEYS["AWS_ACCESS_KEY_ID"],
+               ("mlpipeline-minio-artifact", "secretkey"): S3_KEYS["AWS_SECRET_ACCESS_KEY"]}
+    model_dir = model_lib.save(model_lib.build("tiny", seed=0), tmp_path / "model")
+    uri = REQUIRED["model"]["uri"]
+    storage.upload(model_dir, uri, s3)
+    bucket = storage.split_uri(uri)[0]
+    s3.client().set_bucket_policy(bucket, json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Principal": "*", "Action": ["s3:GetObject", "s3:ListBucket"],
+         "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"]}]}))
+    pull = container(rendered(variant), "pull-model")
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
+    for entry in pull["env"]:
+        ref = entry.get("valueFrom", {}).get("secretKeyRef")
+        env[entry["name"]] = secrets[ref["name"], ref["key"]] if ref else entry["value"]
+    assert env.pop("S3_ENDPOINT") == "http://seaweedfs.kubeflow:9000"
+    env["S3_ENDPOINT"] = s3.url
+    models = tmp_path / "models"
+    models.mkdir()
+    command = [str(Path(sys.executable).parent / pull["command"][0]),
+               *(str(models) + a[len("/models"):] if a.startswith("/models/") else a
+                 for a in pull["command"][1:])]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert (models / "current" / "model.safetensors").read_bytes() == \
+        (model_dir / "model.safetensors").read_bytes()
+
+
 def test_sglang_command_gpu_and_shm(rendered):
     sglang = container(rendered("all_on"), "sglang")
     assert sglang["command"][:3] == ["python3", "-m", "sglang.launch_server"]
@@ -391,6 +453,15 @@ def test_sglang_command_gpu_and_shm(rendered):
         volumes = {v["name"]: v for v in pod_spec(rendered(variant))["volumes"]}
         assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": size}
     assert {"name": "dshm", "mountPath": "/dev/shm"} in container(custom, "sglang")["volumeMounts"]
+
+
+@pytest.mark.parametrize("variant, name", [("defaults", "apr-countdown-v1"),
+                                           ("custom", "apr-countdown-v7"),
+                                           ("network_default", "countdown-prod")])
+def test_sglang_names_the_model_not_its_path(rendered, variant, name):
+    """SGLang's metrics carry model_name: the model's <name>-<version>, or model.servedName."""
+    args = container(rendered(variant), "sglang")["command"]
+    assert args[args.index("--served-model-name") + 1] == name
 
 
 def test_probes(rendered):
@@ -455,7 +526,62 @@ def test_scheduling_and_pod_metadata(rendered):
 
 
 # ---------------------------------------------------------------------------------------------
-# Service, ServiceAccount, PodDisruptionBudget
+# Service, ServiceAccount, PodDisruptionBudget, and the opt-in scale and exposure objects
+
+
+def test_scale_and_exposure_objects_are_opt_in(rendered):
+    defaults = rendered("defaults")
+    assert not [o for o in defaults if o["kind"] in {"HorizontalPodAutoscaler", "Ingress",
+                                                     "NetworkPolicy"}]
+    assert one(defaults, "Deployment")["spec"]["replicas"] == 1
+    assert "runtimeClassName" not in pod_spec(defaults)
+    assert pod_spec(rendered("all_on"))["runtimeClassName"] == "nvidia"
+
+
+def test_autoscaler_scales_the_deployment_on_in_flight_solves(rendered):
+    from apr.serve.metrics import IN_FLIGHT
+
+    objs = rendered("all_on")
+    hpa, deployment = one(objs, "HorizontalPodAutoscaler"), one(objs, "Deployment")
+    assert "replicas" not in deployment["spec"]  # the autoscaler owns the count
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                             "name": deployment["metadata"]["name"]}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
+    [metric] = hpa["spec"]["metrics"]
+    assert metric["pods"]["metric"]["name"] == IN_FLIGHT  # a series the server exports
+    assert metric["pods"]["target"] == {"type": "AverageValue", "averageValue": "8"}
+    assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 600
+
+
+def test_ingress_routes_to_the_service_port(rendered):
+    objs = rendered("all_on")
+    ingress, service = one(objs, "Ingress"), one(objs, "Service")
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    assert ingress["metadata"]["annotations"] == {"example.com/i": "j"}
+    assert ingress["spec"]["tls"] == ALL_ON["ingress"]["tls"]
+    [rule] = ingress["spec"]["rules"]
+    assert rule["host"] == "apr.example.com"
+    assert [(p["path"], p["pathType"]) for p in rule["http"]["paths"]] == [("/v1", "Prefix"),
+                                                                          ("/docs", "Exact")]
+    port_names = {p["name"] for p in service["spec"]["ports"]}
+    for path in rule["http"]["paths"]:
+        assert path["backend"]["service"]["name"] == service["metadata"]["name"]
+        assert path["backend"]["service"]["port"]["name"] in port_names
+
+
+@pytest.mark.parametrize("variant, peers", [
+    ("all_on", ALL_ON["networkPolicy"]["from"]),
+    ("network_default", [{"podSelector": {}}]),  # the release's namespace only
+])
+def test_network_policy_admits_only_its_peers_to_the_apr_port(rendered, variant, peers):
+    objs = rendered(variant)
+    policy, deployment = one(objs, "NetworkPolicy"), one(objs, "Deployment")
+    assert policy["spec"]["podSelector"] == deployment["spec"]["selector"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    [rule] = policy["spec"]["ingress"]
+    server_ports = {p["name"] for p in container(objs, "apr-server")["ports"]}
+    assert [p["port"] for p in rule["ports"]] == ["http"] and "http" in server_ports
+    assert rule["from"] == peers
 
 
 @pytest.mark.slow
@@ -558,7 +684,8 @@ def test_prometheus_rule_alerts(rendered):
 
     spec = rules_of(rendered("all_on"))
     rules = {r["alert"]: r for g in spec["groups"] for r in g["rules"]}
-    assert set(rules) == {"AprHighRequestLatency", "AprHighErrorRate", "AprEngineDown"}
+    assert set(rules) == {"AprHighRequestLatency", "AprHighErrorRate", "AprEngineDown",
+                          "AprEngineQueueSaturated", "AprKVCacheSaturated"}
     assert "histogram_quantile(0.99" in rules["AprHighRequestLatency"]["expr"]
     assert re.search(r">\s*60\s*$", rules["AprHighRequestLatency"]["expr"])
     assert re.search(r">\s*0.05\s*$", rules["AprHighErrorRate"]["expr"])
@@ -567,7 +694,13 @@ def test_prometheus_rule_alerts(rendered):
         assert rule["labels"]["severity"] in {"warning", "critical"} and rule["annotations"]["summary"]
         for name in re.findall(r"\bapr_[a-z_]+", rule["expr"]):
             assert re.sub(r"_(bucket|sum|count)$", "", name) in ALL, name
+        for name in re.findall(r"\bsglang:[a-z_]+", rule["expr"]):
+            assert name in SGLANG_METRICS, name
         assert f'namespace="{NAMESPACE}",service="{FULLNAME}"' in rule["expr"]
+        # the runbook: a section of the chart README named after the alert
+        base, anchor = rule["annotations"]["runbook_url"].split("#")
+        assert base.endswith("/helm/apr-server/README.md") and anchor == rule["alert"].lower()
+        assert f"\n### {rule['alert']}\n" in (CHART / "README.md").read_text()
     custom = {r["alert"]: r for g in rules_of(rendered("custom"))["groups"] for r in g["rules"]}
     assert re.search(r">\s*12.5\s*$", custom["AprHighRequestLatency"]["expr"])
     assert re.search(r">\s*0.2\s*$", custom["AprHighErrorRate"]["expr"])
@@ -585,7 +718,7 @@ def test_prometheus_rules_pass_promtool_check(rendered, promtool, tmp_path):
     rules.write_text(yaml.safe_dump(rules_of(rendered("all_on"))))
     check = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "3 rules found" in check.stdout
+    assert "5 rules found" in check.stdout
 
 
 def test_alerts_fire_on_synthetic_series(rendered, promtool, tmp_path):
@@ -632,6 +765,17 @@ def test_alerts_fire_on_synthetic_series(rendered, promtool, tmp_path):
             {"eval_time": "8m", "alertname": "AprEngineDown",
              "exp_alerts": fired("AprEngineDown", {"namespace": NAMESPACE, "service": FULLNAME, "pod": "p-1"}, "p-1")}]},
     ]
+    for alert, metric, busy, calm in (("AprEngineQueueSaturated", "sglang:num_queue_reqs", 40, 31),
+                                      ("AprKVCacheSaturated", "sglang:token_usage", 0.97, 0.9)):
+        def gauge(value, pod="p-1"):
+            return {"series": f'{metric}{{{sel},pod="{pod}",model_name="m"}}', "values": f"{value}x20"}
+        tests += [
+            {"interval": "1m", "input_series": [gauge(busy), gauge(0, "p-2")], "alert_rule_test": [
+                {"eval_time": "5m", "alertname": alert, "exp_alerts": []},
+                {"eval_time": "12m", "alertname": alert, "exp_alerts": fired(alert, {"pod": "p-1"}, "p-1")}]},
+            {"interval": "1m", "input_series": [gauge(calm)], "alert_rule_test": [
+                {"eval_time": "12m", "alertname": alert, "exp_alerts": []}]},
+        ]
     (tmp_path / "tests.yaml").write_text(yaml.safe_dump({"rule_files": ["rules.yaml"], "evaluation_interval": "1m",
                                                          "tests": tests}))
     run = subprocess.run([promtool, "test", "rules", "tests.yaml"], cwd=tmp_path, capture_output=True, text=True)
@@ -680,8 +824,10 @@ def test_notes_say_how_to_reach_the_server(helm):
     assert f"port-forward svc/{FULLNAME} 8000:8000" in notes
     assert "/v1/solve" in notes and '"target": 24' in notes and f"helm test {RELEASE}" in notes
     assert "Authorization" not in notes and "metrics.serviceMonitor.enabled" in notes
+    assert "Ingress" not in notes and "HorizontalPodAutoscaler" not in notes
     notes = helm["render"]["all_on"]["notes"]
     assert "get secret apr-api-token" in notes and "metrics.serviceMonitor.enabled" not in notes
+    assert "https://apr.example.com/v1" in notes and "describe hpa" in notes
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,6 +29,8 @@ SGLANG_METRICS = {
     "sglang:generation_tokens_total": "counter",  # line 1861, TokenizerMetricsCollector
     "sglang:time_to_first_token_seconds": "histogram",  # line 2041
     "sglang:e2e_request_latency_seconds": "histogram",  # line 2068
+    "sglang:queue_time_seconds": "histogram",  # line 838
+    "sglang:inter_token_latency_seconds": "histogram",  # line 2051
 }
 # PromQL words that are not metric names (aggregations and functions are followed by "(").
 PROMQL_WORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan", "Inf", "NaN"}
@@ -168,8 +170,10 @@ def test_dashboard_is_well_formed(path):
     assert dash["schemaVersion"] >= 36
     variables = {v["name"]: v for v in dash["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
-    assert variables["instance"]["type"] == "query"
-    assert variables["instance"]["datasource"]["uid"] == "${datasource}"
+    for name in ("namespace", "instance"):  # the pods of one namespace, then one pod's IP
+        assert variables[name]["type"] == "query"
+        assert variables[name]["datasource"]["uid"] == "${datasource}"
+    assert "$namespace" in variables["instance"]["query"]["query"]
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
     for panel in panels(dash):
@@ -178,7 +182,8 @@ def test_dashboard_is_well_formed(path):
         assert panel["targets"], f"panel {panel['title']!r} has no query"
         for target in panel["targets"]:
             assert target["expr"].strip() and target["datasource"]["uid"] == "${datasource}"
-            assert "$instance" in target["expr"], f"{panel['title']!r} ignores the instance variable"
+            for variable in ("$namespace", "$instance"):
+                assert variable in target["expr"], f"{panel['title']!r} ignores {variable}"
 
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
@@ -244,7 +249,9 @@ def test_dashboards_cover_every_apr_metric_and_the_engine():
     families = {re.sub(r"_(bucket|sum|count)$", "", n) for n in named}
     assert [m for m in ALL if m not in families] == []
     for engine in ("sglang:e2e_request_latency_seconds", "sglang:time_to_first_token_seconds",
-                   "sglang:num_running_reqs", "sglang:num_queue_reqs", "sglang:gen_throughput"):
+                   "sglang:num_running_reqs", "sglang:num_queue_reqs", "sglang:gen_throughput",
+                   "sglang:inter_token_latency_seconds", "sglang:queue_time_seconds",
+                   "sglang:token_usage"):
         assert engine in families, engine
 
 

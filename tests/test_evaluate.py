@@ -10,6 +10,8 @@ from conftest import make_dataset
 
 from apr import model as model_lib
 from apr.config import ConfigError, from_dict, load
+from apr.countdown.threads import Thread
+from apr.report import trace_text
 from apr.stages import evaluate
 from apr.stages.evaluate import EvalConfig, summarize
 
@@ -80,6 +82,29 @@ def test_oracle_evaluation_reports_the_solver_solve_rates(dataset, tmp_path):
         stats["apr"]["children_per_problem"], abs=1e-3)
     rows = [json.loads(x) for x in (tmp_path / "eval" / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 100 and {r["setting"] for r in rows} == {"apr", "sos"}
+
+
+def test_the_report_shows_one_solved_apr_trace_as_the_model_wrote_it(dataset, tmp_path):
+    config = from_dict(EvalConfig, {"engine": "oracle", "context": 1 << 20, "max_problems": 20})
+    metrics = evaluate.run(config, None, dataset, tmp_path / "eval", progress=False)
+    example = metrics["settings"]["apr"]["example"]
+    rows = [json.loads(x) for x in (tmp_path / "eval" / "results.jsonl").read_text().splitlines()]
+    first = next(r for r in rows if r["setting"] == "apr" and r["correct"] and r["children"])
+    assert example["id"] == first["id"] and example["children"] == first["children"] > 0
+    threads = [Thread.from_json(t) for t in example["threads"]]
+    text = "\n".join(trace_text(threads))
+    parents = [t for t in threads if t.role == "parent"]
+    assert text.startswith("[parent]\n" + parents[0].prompt + parents[0].text)
+    assert text.count("[parent, after the join]") == len(parents) - 1 > 0
+    assert text.endswith(parents[-1].text.rstrip("\n"))  # the parent's last words
+    children = [t for t in threads if t.role == "child"]
+    assert len(children) == example["children"]
+    for child in children:  # each child whole, indented under its spawn
+        assert "\n".join("    " + x for x in (child.prompt + child.text).splitlines()) in text
+    join = parents[1].prompt[parents[1].prompt.index("<Sub Searches>"):]
+    assert "[parent, after the join]\n" + join in text + "\n"  # the outcomes the parent saw
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "## A solved APR trace" in report and ", ".join(example["solution"]) in report
 
 
 @pytest.mark.slow

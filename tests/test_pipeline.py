@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -12,6 +13,7 @@ import yaml
 
 from apr import storage
 from apr.cluster import pipeline
+from apr.cluster.progress import TaskProgress
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "pipelines" / "apr_pipeline.yaml"
@@ -164,8 +166,37 @@ def test_the_grpo_component_launches_a_job_with_its_own_endpoint(endpoint, tmp_p
     assert metrics.logged == {"steps": 4, "val_accuracy": 0.5}  # a None accuracy is not logged
 
 
+def test_progress_prints_a_line_per_task_and_keeps_the_failed_tasks_last_lines():
+    log, out = io.StringIO(), io.StringIO()
+    progress = TaskProgress(log, out, {"sft-2": "SFT SoS+"}, tail_lines=2)
+    stream = ("\x1b[36mExecuting task 'datagen'\x1b[0m\nwrote 40 problems\n"
+              "Task 'datagen' finished with status \x1b[92mSUCCESS\x1b[0m\n"
+              "Executing task 'sft-2'\nstep 1\nstep 2\nValueError: bad shape\n"
+              "Task 'sft-2' finished with status \x1b[91mFAILURE")
+    for piece in (stream[:50], stream[50:], "\x1b[0m\n"):  # lines arrive in pieces
+        progress.write(piece)
+    lines = out.getvalue().splitlines()
+    assert [line.split()[:2] for line in lines] == [["datagen", "success"],
+                                                     ["SFT", "SoS+"]] and "failure" in lines[1]
+    assert progress.failed == "sft-2" and progress.failed_tail == ["step 2",
+                                                                   "ValueError: bad shape"]
+    assert log.getvalue() == stream + "\x1b[0m\n"  # the log keeps everything, as written
+
+
 @pytest.mark.slow
-def test_local_run_end_to_end(tmp_path):
+def test_a_failed_task_stops_the_run_and_shows_its_last_lines(tmp_path, capsys, caplog):
+    with pytest.raises(pipeline.PipelineFailed, match=r"datagen.*pipeline\.log") as failed:
+        pipeline.run_local(tmp_path, overrides={"datagen": ["problems.n_numbers=1"]})
+    assert "\n" not in str(failed.value)  # one line for the terminal
+    terminal = capsys.readouterr().out.splitlines()
+    assert terminal[-1].split()[:2] == ["datagen", "failure"]  # nothing after it ran
+    [record] = [r for r in caplog.records if "last lines" in r.getMessage()]
+    assert "n_numbers" in record.getMessage()  # the task's own error, without the rest
+    assert "n_numbers" in (tmp_path / "pipeline.log").read_text()
+
+
+@pytest.mark.slow
+def test_local_run_end_to_end(tmp_path, capsys):
     summary = pipeline.run_local(tmp_path, overrides={
         "datagen": ["problems.train_size=40", "problems.val_size=6", "problems.test_size=0",
                     "chunk_size=10", "shard_size=40", "workers=1"],
@@ -187,3 +218,10 @@ def test_local_run_end_to_end(tmp_path):
     assert (published / "model.safetensors").is_file()
     grpo_runs = list(Path(summary["run"]).glob("grpo/grpo-run/metrics.jsonl"))
     assert grpo_runs and '"weight_version": "0"' in grpo_runs[0].read_text()
+    # the terminal: a header and one line per task; the tasks' own logs are in pipeline.log
+    terminal = capsys.readouterr().out.splitlines()
+    assert all(" success " in line for line in terminal[1:])
+    assert sorted(line[2:22].strip() for line in terminal[1:]) == sorted([
+        "datagen", "SFT APR", "SFT SoS+", "GRPO APR", "evaluate APR", "evaluate SoS+",
+        "APR vs SoS+ report", "publish model"])
+    assert "Streamed logs" in (tmp_path / "pipeline.log").read_text()

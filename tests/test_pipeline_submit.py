@@ -12,7 +12,13 @@ from conftest import ServedApp
 from fastapi import FastAPI, Request
 
 from apr import cli
-from apr.cluster.pipeline import parameter_types, repository_root, typed_arguments
+from apr.cluster.pipeline import (
+    Submission,
+    parameter_types,
+    repository_root,
+    submit,
+    typed_arguments,
+)
 from apr.config import InputError
 
 PACKAGE = repository_root() / "pipelines" / "apr_pipeline.yaml"
@@ -137,3 +143,8 @@ def test_a_package_that_is_not_a_compiled_pipeline_is_named(tmp_path):
     bad.write_text("hello: [")
     with pytest.raises(InputError, match="not a compiled pipeline"):
         parameter_types(bad)
+
+
+def test_a_version_without_a_pipeline_to_register_it_under_is_refused():
+    with pytest.raises(InputError, match="add --register NAME"):
+        submit(Submission(host="http://127.0.0.1:9", version="v7"))

@@ -17,6 +17,7 @@ import time
 import httpx
 import pytest
 from conftest import ServedApp, sglang_python_or_skip
+from test_dashboards import SGLANG_METRICS, exported
 
 from apr import model as model_lib
 from apr.config import from_dict
@@ -32,10 +33,10 @@ PROMPTS = ["Current State: 24:[3, 8, 2], Operations: []\n",
            "Moving to Node #0\nCurrent State: 17:[9, 4, 1, 5], Operations: []\n"]
 
 
-def start_server(kind: str, model_dir, log_dir, port: int = 0) -> RolloutServer:
+def start_server(kind: str, model_dir, log_dir, port: int = 0, extra_args=()) -> RolloutServer:
     python = sglang_python_or_skip() if kind == "sglang" else ""
     return RolloutServer(model_dir, log_dir / f"{kind}.log", kind=kind, device="cpu", port=port,
-                         python=python, startup_timeout_s=300).start()
+                         python=python, startup_timeout_s=300, extra_args=extra_args).start()
 
 
 def run(coroutine):
@@ -325,7 +326,7 @@ def test_the_apr_server_in_front_of_sglang(data, trained_dir, tmp_path):
     def ready():
         return httpx.get(served.url + "/readyz", timeout=30).status_code
 
-    sglang = start_server("sglang", trained_dir, tmp_path)
+    sglang = start_server("sglang", trained_dir, tmp_path, extra_args=("--enable-metrics",))
     try:
         with ServedApp(create_app(SGLangEngine(sglang.url, timeout_s=120))) as served:
             answer = solve()
@@ -333,6 +334,12 @@ def test_the_apr_server_in_front_of_sglang(data, trained_dir, tmp_path):
             assert answer.json()["solution"] == reference.solution
             assert answer.json()["correct"] == reference.correct
             assert answer.json()["tokens"]["total"] == reference.tokens_total
+            # every SGLang series the chart's dashboard reads, as SGLang exports it
+            scraped = httpx.get(served.url + "/engine/metrics", timeout=30)
+            series = {line.split("{")[0].split(" ")[0] for line in scraped.text.splitlines()
+                      if line and not line.startswith("#")}
+            for name, kind in SGLANG_METRICS.items():
+                assert exported(kind, name) <= series, name
 
             httpx.post(sglang.url + "/pause_generation", json={"mode": "abort"}, timeout=60)
             assert ready() == 503
@@ -345,7 +352,8 @@ def test_the_apr_server_in_front_of_sglang(data, trained_dir, tmp_path):
             assert ready() == 503
             down = solve()
             assert down.status_code == 503 and down.json()["kind"] == "engine_unavailable"
-            sglang = start_server("sglang", trained_dir, tmp_path, port=port)
+            sglang = start_server("sglang", trained_dir, tmp_path, port=port,
+                                  extra_args=("--enable-metrics",))
             assert ready() == 200
             again = solve()
             assert again.status_code == 200 and again.json()["solution"] == reference.solution

@@ -160,3 +160,65 @@ def test_a_published_version_is_immutable_unless_replaced_on_purpose(tmp_path, s
         publish.run(second, store, "apr", "v1", settings, replace=True)
         pulled = storage.download(uri, tmp_path / f"replaced-{len(store)}", settings)
         assert (pulled / "model.safetensors").read_bytes() == weights[second]
+
+
+def test_iam_credentials_come_from_the_pods_identity_endpoint(s3, artifact, tmp_path,
+                                                           monkeypatch):
+    """EKS Pod Identity: the agent on the node hands out temporary keys for the pod's role
+    (a loopback stand-in of the agent here; moto accepts the keys it signs with)."""
+    import http.server
+    import threading
+
+    asked = []
+
+    class Agent(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            asked.append((self.path, self.headers.get("Authorization")))
+            body = json.dumps({"AccessKeyId": "ASIAPODIDENTITY", "SecretAccessKey": "pod-secret",
+                               "Token": "pod-session", "Expiration": "2099-01-01T00:00:00Z"})
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+    agent = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Agent)
+    threading.Thread(target=agent.serve_forever, daemon=True).start()
+    token = tmp_path / "eks-pod-identity-token"
+    token.write_text("projected-service-account-token")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                       f"http://127.0.0.1:{agent.server_address[1]}/v1/credentials")
+    monkeypatch.setenv("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", str(token))
+    try:
+        iam = S3Settings.from_env({"S3_ENDPOINT": s3.url, "S3_CREDENTIALS": "iam"})
+        assert (iam.access_key, iam.secret_key) == ("", "")  # no static keys are held
+        storage.upload(artifact, "s3://artifacts/iam/model", iam)
+        copy = storage.download("s3://artifacts/iam/model", tmp_path / "copy", iam)
+        assert files(copy) == files(artifact)
+    finally:
+        agent.shutdown()
+    assert asked and asked[0] == ("/v1/credentials", "projected-service-account-token")
+
+
+def test_anonymous_requests_read_a_public_store(s3, artifact, tmp_path):
+    storage.upload(artifact, "s3://public/models/m/v1", s3)
+    s3.client().set_bucket_policy("public", json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Principal": "*", "Action": ["s3:GetObject", "s3:ListBucket"],
+         "Resource": ["arn:aws:s3:::public", "arn:aws:s3:::public/*"]}]}))
+    anonymous = S3Settings.from_env({"S3_ENDPOINT": s3.url, "S3_CREDENTIALS": "anonymous"})
+    assert anonymous.client()._provider is None  # unsigned
+    assert files(storage.download("s3://public/models/m/v1", tmp_path / "copy", anonymous)) == \
+        files(artifact)
+
+
+@pytest.mark.parametrize("env, says", [
+    ({"S3_ENDPOINT": "http://x:9000", "S3_CREDENTIALS": "vault"}, "use one of keys, iam, anonymous"),
+    ({"S3_ENDPOINT": "http://x:9000"}, "S3_CREDENTIALS=iam"),  # keys asked for, none given
+])
+def test_a_credentials_mode_that_cannot_work_is_named(env, says):
+    with pytest.raises(InputError, match=says):
+        S3Settings.from_env(env)

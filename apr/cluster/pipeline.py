@@ -14,14 +14,15 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import re
 import sys
 import time
 import warnings
+from contextlib import nullcontext, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
+from apr.cluster.progress import ANSI, TaskProgress
 from apr.config import InputError
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,9 @@ def submit(submission: Submission):
     version of it) so it is listed in the UI, and run that version."""
     import kfp
 
+    if submission.version and not submission.register:
+        raise InputError(f"--version {submission.version} names a registered version: add "
+                         "--register NAME (the pipeline it is a version of)")
     package = Path(submission.package or repository_root() / definition().COMPILED)
     arguments = typed_arguments(submission.arguments, parameter_types(package))
     with warnings.catch_warnings():  # "only works with KFP v2.0.0-beta.2 and later": noise
@@ -168,8 +172,9 @@ class PipelineFailed(RuntimeError):
 
 
 def run_local(workdir: str | Path, preset: str = "local", store: str | None = None,
-              overrides: dict[str, list[str]] | None = None) -> dict:
-    """The whole DAG through kfp.local's SubprocessRunner in this Python environment."""
+              overrides: dict[str, list[str]] | None = None, verbose: bool = False) -> dict:
+    """The whole DAG through kfp.local's SubprocessRunner in this Python environment. Unless
+    `verbose`, the terminal gets a line per task and the tasks' logs go to pipeline.log."""
     from kfp import local
 
     module = definition()
@@ -179,17 +184,35 @@ def run_local(workdir: str | Path, preset: str = "local", store: str | None = No
                pipeline_root=str(workdir / "pipeline-root"), raise_on_error=True)
     overrides = overrides or {}
     started = time.perf_counter()
-    try:
-        module.build(cluster=False)(
-            preset=preset, store=str(store or workdir / "store"), s3_endpoint="",
-            datagen_overrides=overrides.get("datagen", []), sft_overrides=overrides.get("sft", []),
-            grpo_overrides=overrides.get("grpo", []),
-            evaluate_overrides=overrides.get("evaluate", []))
-    except RuntimeError as e:  # kfp.local's report: the failed task, coloured
-        if type(e).__module__.startswith("apr."):
-            raise
-        plain = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()[-1]
-        raise PipelineFailed(f"{plain} (its log is above)") from None
+    log_path = workdir / "pipeline.log"
+    run = module.build(cluster=False)
+    names = {key: task.task_info.name for key, task in run.pipeline_spec.root.dag.tasks.items()}
+    with open(log_path, "w") if not verbose else nullcontext() as log_file:
+        progress = None if verbose else TaskProgress(log_file, sys.stdout, names)
+        if progress:
+            print(f"pipeline ({preset} preset), one line per task; their logs: {log_path}",
+                  flush=True)
+        try:
+            with redirect_stdout(progress) if progress else nullcontext(), \
+                    warnings.catch_warnings():
+                # "custom or non-Python base image ... consider the DockerRunner": the images
+                # are the project's own, and this environment is the one they install
+                warnings.filterwarnings("ignore", "You may be attemping", RuntimeWarning)
+                run(preset=preset, store=str(store or workdir / "store"), s3_endpoint="",
+                    datagen_overrides=overrides.get("datagen", []),
+                    sft_overrides=overrides.get("sft", []),
+                    grpo_overrides=overrides.get("grpo", []),
+                    evaluate_overrides=overrides.get("evaluate", []))
+        except RuntimeError as e:  # kfp.local's report: the failed task, coloured
+            if type(e).__module__.startswith("apr."):
+                raise
+            plain = ANSI.sub("", str(e)).strip().splitlines()[-1]
+            if progress is None:
+                raise PipelineFailed(f"{plain} (its log is above)") from None
+            log.error("task %s failed; the last lines of its log:\n%s", progress.failed,
+                      "\n".join(progress.failed_tail))
+            raise PipelineFailed(f"{plain}: its last lines are above, the whole log is in "
+                                 f"{log_path}") from None
     root = workdir / "pipeline-root"
     runs = sorted(root.glob(f"{module.PIPELINE_NAME}-*"), key=lambda p: p.stat().st_mtime)
     if not runs:
@@ -200,5 +223,5 @@ def run_local(workdir: str | Path, preset: str = "local", store: str | None = No
                "report": str(reports[0]) if reports else None,
                "metrics": str(reports[0].with_name("metrics.json")) if reports else None,
                "published": f"{store or workdir / 'store'}/models"}
-    log.info("local run: %s", json.dumps(summary))
+    log.debug("local run: %s", json.dumps(summary))
     return summary

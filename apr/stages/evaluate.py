@@ -23,7 +23,7 @@ from apr import atomic
 from apr.config import InputError, check, check_choice, check_range, dump, option
 from apr.countdown.threads import APR, SOS, STYLES
 from apr.dataset import load_problems
-from apr.decode.runtime import Budgets, Vote, sample
+from apr.decode.runtime import Budgets, Solve, Vote, sample
 from apr.summary import describe
 
 SECTION = "evaluate"
@@ -178,7 +178,8 @@ def make_engine(config: EvalConfig, model: str | Path | None, problems: str | Pa
 
 
 async def evaluate(engine, problems: list[dict], config: EvalConfig, progress: bool = True
-                   ) -> list[dict]:
+                   ) -> tuple[list[dict], dict[str, dict]]:
+    """Every (problem, setting) solved; the result rows and one solved example per setting."""
     from tqdm import tqdm
 
     gate = asyncio.Semaphore(config.concurrency)
@@ -195,11 +196,29 @@ async def evaluate(engine, problems: list[dict], config: EvalConfig, progress: b
             vote = await sample(engine, setting.mode, problem["nums"], problem["target"],
                                 setting.samples, budgets, temperature)
         bar.update(1)
-        return row(problem, setting, vote)
+        return row(problem, setting, vote), vote
 
-    rows = await asyncio.gather(*(one(p, s) for p, s in work))
+    done = await asyncio.gather(*(one(p, s) for p, s in work))
     bar.close()
-    return list(rows)
+    return [r for r, _ in done], examples([(r, vote) for r, vote in done])
+
+
+def examples(done: list[tuple[dict, Vote]]) -> dict[str, dict]:
+    """One solved solve per setting, its threads kept for the report to show: the first
+    (in problem order) that spawned children, else the first solved. Only these keep their
+    text; results.jsonl has the numbers of every solve."""
+    chosen: dict[str, tuple[int, dict, Solve]] = {}
+    for r, vote in done:
+        solved = next((s for s in vote.samples if s.correct), None)
+        if solved is None:
+            continue
+        rank = 0 if solved.children else 1
+        if r["setting"] not in chosen or rank < chosen[r["setting"]][0]:
+            chosen[r["setting"]] = (rank, r, solved)
+    return {name: {"id": r["id"], "nums": r["nums"], "target": r["target"],
+                   "solution": solved.solution, "children": solved.children,
+                   "threads": [t.to_json() for t in solved.threads]}
+            for name, (_, r, solved) in chosen.items()}
 
 
 def _model_label(config: EvalConfig, model: str | Path | None) -> str:
@@ -221,13 +240,13 @@ def run(config: EvalConfig, model: str | Path | None, problems: str | Path, out:
     engine = make_engine(config, model, problems)
     started = time.perf_counter()
 
-    async def main() -> list[dict]:
+    async def main() -> tuple[list[dict], dict[str, dict]]:
         try:
             return await evaluate(engine, rows_in, config, progress)
         finally:
             await engine.close()
 
-    rows = asyncio.run(main())
+    rows, solved = asyncio.run(main())
     seconds = time.perf_counter() - started
     by_setting: dict[str, list[dict]] = {}
     for r in rows:
@@ -238,6 +257,7 @@ def run(config: EvalConfig, model: str | Path | None, problems: str | Path, out:
         "problems": len(rows_in), "split": config.split, "context": config.context,
         "total_tokens": config.total_tokens, "seconds": round(seconds, 2),
         "settings": {name: summarize(rs, config.context_limits, config.total_token_limits)
+                     | ({"example": solved[name]} if name in solved else {})
                      for name, rs in by_setting.items()},
     }
     from apr.report import write_plots, write_report

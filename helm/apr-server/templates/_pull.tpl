@@ -1,7 +1,8 @@
 {{/*
 apr-server.pullContainer: the init container that downloads the model into the `models` emptyDir
 with `apr pull` (which checks every file against the artifact's manifest). The S3 credentials
-come from a Secret, never from values.
+come from a Secret, never from values, or from the pod's cloud role (`iam`), or there are none
+(`anonymous`, a public bucket).
 */}}
 {{- define "apr-server.pullContainer" -}}
 - name: pull-model
@@ -11,6 +12,9 @@ come from a Secret, never from values.
   env:
     - name: S3_ENDPOINT
       value: {{ .Values.model.s3.endpoint | quote }}
+    - name: S3_CREDENTIALS
+      value: {{ .Values.model.s3.credentials | quote }}
+    {{- if eq .Values.model.s3.credentials "keys" }}
     - name: AWS_ACCESS_KEY_ID
       valueFrom:
         secretKeyRef:
@@ -21,6 +25,7 @@ come from a Secret, never from values.
         secretKeyRef:
           name: {{ .Values.model.s3.secretKey.secretName }}
           key: {{ .Values.model.s3.secretKey.secretKey }}
+    {{- end }}
   resources:
     {{- toYaml .Values.model.pullResources | nindent 4 }}
   securityContext:

@@ -18,6 +18,8 @@ sglang.livenessGenerates is set.
     - 127.0.0.1
     - --port
     - "30000"
+    - --served-model-name
+    - {{ include "apr-server.servedModelName" . }}
     - --enable-metrics
     - --allow-auto-truncate
     {{- range .Values.sglang.extraArgs }}
@@ -74,4 +76,23 @@ list); urllib raises on any answer but 2xx, so the probe fails then.
 */}}
 {{- define "apr-server.sglangProbe" -}}
 ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:30000{{ .path }}', timeout={{ .timeout }})"]
+{{- end }}
+
+{{/*
+apr-server.servedModelName: the model's name in SGLang's metrics (model_name) and /model_info:
+model.servedName, else <name>-<version> from the uri (s3://b/models/apr-countdown/v1 gives
+apr-countdown-v1), never a local path.
+*/}}
+{{- define "apr-server.servedModelName" -}}
+{{- if .Values.model.servedName }}
+{{- .Values.model.servedName }}
+{{- else }}
+{{- $parts := splitList "/" (trimSuffix "/" .Values.model.uri) }}
+{{- $n := len $parts }}
+{{- if ge $n 2 }}
+{{- printf "%s-%s" (index $parts (sub $n 2)) (index $parts (sub $n 1)) }}
+{{- else }}
+{{- last $parts }}
+{{- end }}
+{{- end }}
 {{- end }}
