@@ -78,8 +78,9 @@ def build(cluster: bool = True):
         models = {}
         evaluations = {}
         for traces, label in (("apr", "APR"), ("sos", "SoS+")):
-            trained = sft(preset=preset, traces=traces, overrides=sft_overrides,
-                          data=data.outputs["data"]).set_display_name(f"SFT {label}")
+            trained = sft(preset=preset, traces=traces, overrides=sft_overrides, store=store,
+                          s3_endpoint=s3_endpoint, data=data.outputs["data"]
+                          ).set_display_name(f"SFT {label}")
             final = trained
             if traces == "apr":
                 final = grpo(preset=preset, overrides=grpo_overrides,
@@ -102,6 +103,9 @@ def build(cluster: bool = True):
             if cluster:
                 _on_gpu(trained, train_image)
                 _on_gpu(evaluated, train_image)
+                # A retry resumes from the checkpoints mirrored in the store.
+                _with_store_credentials(trained)
+                trained.set_retry(num_retries=2, backoff_duration="60s")
             models[traces], evaluations[traces] = final, evaluated
         report = compare(apr_results=evaluations["apr"].outputs["results"],
                          sos_results=evaluations["sos"].outputs["results"]

@@ -68,7 +68,8 @@ def test_yaml_loads_back_through_kfp_with_the_whole_dag():
     assert upstream("evaluate") == {"datagen", "grpo"} and upstream("evaluate-2") == {"datagen", "sft-2"}
     assert upstream("compare") == {"evaluate", "evaluate-2"}
     assert upstream("publish") >= {"grpo", "compare"}  # the published model is the GRPO one
-    assert tasks["grpo"]["retryPolicy"]["maxRetryCount"] == 2  # resumes from its checkpoint
+    for task in ("grpo", "sft", "sft-2"):  # each resumes from its checkpoint in the store
+        assert tasks[task]["retryPolicy"]["maxRetryCount"] == 2
     executors = spec["deploymentSpec"]["executors"]
     for task in GPU_TASKS:
         container = executors[tasks[task]["componentRef"]["name"].replace("comp-", "exec-")]["container"]
@@ -81,7 +82,7 @@ def test_yaml_loads_back_through_kfp_with_the_whole_dag():
         assert executor["tolerations"][0]["key"] == "nvidia.com/gpu"
         assert executor["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
         assert int(executor["activeDeadlineSeconds"]) == pipeline.definition().GPU_STEP_DEADLINE_S
-    for task in ("publish", "grpo"):  # both write to the store
+    for task in ("publish", "grpo", "sft", "sft-2"):  # all write to the store
         secret = k8s["exec-" + task]["secretAsEnv"][0]
         assert secret["secretName"] == "mlpipeline-minio-artifact"
         assert {e["envVar"] for e in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID",
@@ -114,6 +115,44 @@ class FakeMetrics:
 
     def log_metric(self, name: str, value) -> None:
         self.logged[name] = value
+
+
+def test_the_sft_component_mirrors_checkpoints_under_a_key_of_its_inputs(tmp_path, monkeypatch):
+    """A retry of the same step finds the same mirror; other inputs, another one; a local
+    store (kfp.local) none. The step's environment is left as it was."""
+    from apr.stages import sft as stage
+
+    pipeline.definition()
+    from components.sft import sft
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "step-access")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "step-secret")
+    calls = []
+
+    def run(config, data, out, resume, progress, mirror, mirror_settings):
+        calls.append((mirror, mirror_settings, resume))
+        raise KeyboardInterrupt  # enough: what the stage was asked to do
+
+    monkeypatch.setattr(stage, "run", run)
+    before = dict(os.environ)
+
+    def call(store, overrides=(), data_uri="s3://apr-models/v2/artifacts/run-1/datagen/data"):
+        model = SimpleNamespace(path=str(tmp_path / "model"), metadata={})
+        with pytest.raises(KeyboardInterrupt):
+            sft.python_func(preset="local", traces="apr", overrides=list(overrides), store=store,
+                            s3_endpoint="http://seaweedfs.kubeflow:9000",
+                            data=SimpleNamespace(path=str(tmp_path / "data"), uri=data_uri),
+                            model=model, metrics=FakeMetrics(tmp_path / "metrics"))
+        return calls[-1]
+
+    first, settings, resume = call("s3://apr-models/pipeline")
+    assert first.startswith("s3://apr-models/pipeline/sft-runs/") and resume
+    assert settings.url == "http://seaweedfs.kubeflow:9000" and settings.access_key == "step-access"
+    assert call("s3://apr-models/pipeline")[0] == first  # the retry
+    assert call("s3://apr-models/pipeline", ["max_steps=7"])[0] != first
+    assert call("s3://apr-models/pipeline", data_uri="s3://apr-models/other")[0] != first
+    assert call(str(tmp_path / "store"))[:2] == (None, None)
+    assert dict(os.environ) == before
 
 
 @pytest.mark.parametrize("endpoint", ["http://minio.apr-store:9000", ""])

@@ -91,6 +91,41 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(dataset, tmp_path,
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
+def test_a_retried_step_on_a_new_machine_resumes_from_the_mirrored_checkpoint(
+        dataset, tmp_path, monkeypatch, s3, caplog):
+    """A pipeline retry: a new pod, an empty disk, the checkpoints mirrored in the store."""
+    from conftest import S3_KEYS
+
+    monkeypatch.setenv("S3_ENDPOINT", s3.url)
+    for key, value in S3_KEYS.items():
+        monkeypatch.setenv(key, value)
+    config = tiny(max_steps=6, checkpoint_every=2)
+    sft.run(config, dataset, tmp_path / "straight", progress=False)
+    mirror = "s3://apr-models/sft-runs/key-1"
+
+    original = sft.push_mirror
+
+    def push_then_die(uri, checkpoint, logs, slot, staging, settings=None):
+        pushed = original(uri, checkpoint, logs, slot, staging, settings)
+        if checkpoint.name == "step-0000004":
+            raise KeyboardInterrupt("the pod is evicted after the step-4 checkpoint")
+        return pushed
+
+    monkeypatch.setattr(sft, "push_mirror", push_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        sft.run(config, dataset, tmp_path / "pod-1", progress=False, mirror=mirror)
+    monkeypatch.setattr(sft, "push_mirror", original)
+    caplog.set_level("INFO", logger="apr.stages.sft")
+    sft.run(config, dataset, tmp_path / "pod-2", resume=True, progress=False, mirror=mirror)
+
+    assert f"checkpoint of step 4 taken from {mirror}" in caplog.text  # pod 2 trained 5 and 6
+    assert losses(tmp_path / "pod-2") == losses(tmp_path / "straight")  # steps 1-4 from pod 1
+    a = model_lib.load(tmp_path / "straight" / "model").state_dict()
+    b = model_lib.load(tmp_path / "pod-2" / "model").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_checkpoint_being_written_is_not_taken_for_a_complete_one(tmp_path):
     (tmp_path / "step-0000004.partial").mkdir()
     done = tmp_path / "step-0000002"

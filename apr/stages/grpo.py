@@ -39,13 +39,13 @@ from apr.countdown.threads import APR, STYLES
 from apr.decode.rollout_server import KINDS
 from apr.rl.losses import group_advantages
 from apr.rl.trainer import Trainer, push_weights
-from apr.train.checkpoints import check_fresh
+from apr.train.checkpoints import MIRROR_SLOTS, check_fresh, pull_mirror, push_mirror
 
 log = logging.getLogger(__name__)
 
 SECTION = "grpo"
 LOSS_AVERAGES = ("token", "rollout")
-SLOTS = ("checkpoint-a", "checkpoint-b")  # remote checkpoints alternate: one is always whole
+LOGS = ("metrics.jsonl", "rollouts.jsonl")  # mirrored with each checkpoint
 
 
 class GRPOError(RuntimeError):
@@ -274,26 +274,7 @@ def _restore(paths: RunPaths, trainer: Trainer, resume: bool) -> dict:
 
 def _pull_remote_checkpoint(paths: RunPaths) -> None:
     """Bring the newer of the two remote checkpoint slots (and the logs) back to the workdir."""
-    from apr.storage import download, is_complete
-
-    best = None
-    for slot in SLOTS:
-        uri = f"{paths.out}/{slot}"
-        if is_complete(uri):
-            local = download(uri, paths.local / "pulled" / slot)
-            step = json.loads((local / "checkpoint" / "trainer.json").read_text())["step"]
-            if best is None or step > best[0]:
-                best = (step, local)
-    if best is not None:
-        import shutil
-
-        step, local = best
-        target = paths.local / "checkpoints" / f"step-{step:07d}"
-        if not target.exists():
-            shutil.copytree(local / "checkpoint", target)
-        for log in ("metrics.jsonl", "rollouts.jsonl"):
-            if (local / log).is_file():
-                shutil.copyfile(local / log, paths.local / log)
+    pull_mirror(paths.out, paths.local / "checkpoints", paths.local, LOGS)
 
 
 async def _loop(config, paths, trainer, state, train, val, weights, url, sidecar, progress
@@ -414,29 +395,19 @@ def _advantages(rollouts) -> list[float]:
 def _checkpoint(paths: RunPaths, trainer: Trainer, state: dict, config: GRPOConfig) -> str:
     """A checkpoint of the current state (kept locally, and in a remote slot when the run
     publishes to s3://, alternating so that one slot is always complete)."""
-    import shutil
-
-    from apr.storage import upload
     from apr.train.checkpoints import save_checkpoint
 
     existing = paths.local / "checkpoints" / f"step-{state['step']:07d}"
     if (existing / "trainer.json").is_file():  # this state is saved already (a fault after it)
-        return f"{paths.out}/{SLOTS[state['slot']]}" if paths.remote else str(existing)
+        return f"{paths.out}/{MIRROR_SLOTS[state['slot']]}" if paths.remote else str(existing)
     if paths.remote:
         state["slot"] = (state.get("slot", 1) + 1) % 2  # recorded in the checkpoint it names
     local = save_checkpoint(paths.local / "checkpoints", trainer.policy, trainer.optimizer,
                             state, config.keep_checkpoints)
     if not paths.remote:
         return str(local)
-    staging = paths.local / "upload"
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(local, staging / "checkpoint")
-    for log in ("metrics.jsonl", "rollouts.jsonl"):
-        if (paths.local / log).is_file():
-            shutil.copyfile(paths.local / log, staging / log)
-    slot = SLOTS[state["slot"]]
-    upload(staging, f"{paths.out}/{slot}")
-    return f"{paths.out}/{slot}"
+    return push_mirror(paths.out, local, [paths.local / log for log in LOGS], state["slot"],
+                       paths.local / "upload")
 
 
 def _finish(paths: RunPaths, trainer: Trainer, state: dict) -> GRPOResult:

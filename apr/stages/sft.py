@@ -28,7 +28,14 @@ from apr.countdown.threads import STYLES
 from apr.dataset import DataError, check_tokenizer, shard_paths
 from apr.resources import check_fits
 from apr.train import distributed
-from apr.train.checkpoints import check_fresh, save_checkpoint, truncate_log
+from apr.train.checkpoints import (
+    check_fresh,
+    complete_checkpoints,
+    pull_mirror,
+    push_mirror,
+    save_checkpoint,
+    truncate_log,
+)
 from apr.train.checkpoints import resume as resume_checkpoint
 from apr.train.data import (
     KEEP,
@@ -241,8 +248,13 @@ class SFTResult:
 
 
 def run(config: SFTConfig, data: str | Path, out: str | Path, resume: bool = False,
-        progress: bool = True) -> SFTResult:
-    """Train; writes `out/model` (HF directory), `out/checkpoints/`, `out/metrics.jsonl`."""
+        progress: bool = True, mirror: str | None = None, mirror_settings=None) -> SFTResult:
+    """Train; writes `out/model` (HF directory), `out/checkpoints/`, `out/metrics.jsonl`.
+
+    `mirror` (an s3:// URI): every checkpoint is also uploaded there, and a resumed run with
+    no checkpoint of its own starts from the newest one there (a retried pipeline step runs
+    on a new pod with an empty disk). `mirror_settings`: its S3Settings (None: from the
+    environment)."""
     import torch
     from tqdm import tqdm
 
@@ -270,6 +282,11 @@ def run(config: SFTConfig, data: str | Path, out: str | Path, resume: bool = Fal
     total_steps = config.max_steps or max(1, int(per_epoch * config.epochs) // micro_per_step)
     checkpoints = out / "checkpoints"
     state = {"step": 0, "tokens": 0}
+    if resume and mirror and dist_info.main and not complete_checkpoints(checkpoints):
+        pulled = pull_mirror(mirror, checkpoints, out, ("metrics.jsonl",), mirror_settings)
+        if pulled is not None:
+            log.info("checkpoint of step %d taken from %s", pulled, mirror)
+    distributed.barrier(dist_info)
     restored = resume_checkpoint(checkpoints, model, optimizer, device) if resume else None
     if restored is not None:
         latest, state = restored
@@ -326,7 +343,7 @@ def run(config: SFTConfig, data: str | Path, out: str | Path, resume: bool = Fal
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         train_loss = distributed.all_reduce_mean(loss_sum * dist_info.world, dist_info)
-        state = {"step": step + 1, "tokens": state["tokens"] + step_targets}
+        state = {**state, "step": step + 1, "tokens": state["tokens"] + step_targets}
         bar.update(1)
         last = state["step"] == total_steps
         if dist_info.main and (state["step"] % config.log_every == 0 or last):
@@ -346,7 +363,12 @@ def run(config: SFTConfig, data: str | Path, out: str | Path, resume: bool = Fal
                 metrics_log.write(json.dumps({"step": state["step"], "val_loss": round(val_loss, 5)}) + "\n")
                 metrics_log.flush()
         if dist_info.main and (state["step"] % config.checkpoint_every == 0 or last):
-            save_checkpoint(checkpoints, model, optimizer, state, config.keep_checkpoints)
+            if mirror:
+                state["slot"] = (state.get("slot", 1) + 1) % 2  # alternate, named in the state
+            saved = save_checkpoint(checkpoints, model, optimizer, state, config.keep_checkpoints)
+            if mirror:
+                push_mirror(mirror, saved, [out / "metrics.jsonl"], state["slot"], out / "upload",
+                            mirror_settings)
     bar.close()
     model_dir = out / "model"
     if dist_info.main:

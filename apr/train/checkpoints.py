@@ -101,3 +101,49 @@ def _step(line: str) -> float:
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return float("inf")
+
+
+# --- a mirror in the store: a retried pod resumes where the last one stopped ------------
+MIRROR_SLOTS = ("checkpoint-a", "checkpoint-b")  # alternate: one is always whole
+
+
+def push_mirror(uri: str, checkpoint: Path, logs: list[Path], slot: int, staging: Path,
+                settings=None) -> str:
+    """Upload `checkpoint` (and the run's logs, as they are at its step) into slot `slot` of
+    the mirror at `uri`; the other slot keeps the checkpoint before it complete meanwhile.
+    `settings`: the store's S3Settings (None: from the environment)."""
+    from apr.storage import upload
+
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(checkpoint, staging / "checkpoint")
+    for path in logs:
+        if path.is_file():
+            shutil.copyfile(path, staging / path.name)
+    target = f"{uri}/{MIRROR_SLOTS[slot]}"
+    upload(staging, target, settings)
+    return target
+
+
+def pull_mirror(uri: str, checkpoints: Path, run_dir: Path, logs: tuple[str, ...],
+                settings=None) -> int | None:
+    """Bring the newest complete slot of the mirror at `uri` back: its checkpoint into
+    `checkpoints`, its logs into `run_dir`. Returns its step (None: nothing mirrored yet)."""
+    from apr.storage import download, is_complete
+
+    best = None
+    for slot in MIRROR_SLOTS:
+        if is_complete(f"{uri}/{slot}", settings):
+            local = download(f"{uri}/{slot}", run_dir / "pulled" / slot, settings)
+            step = json.loads((local / "checkpoint" / "trainer.json").read_text())["step"]
+            if best is None or step > best[0]:
+                best = (step, local)
+    if best is None:
+        return None
+    step, local = best
+    target = checkpoints / f"step-{step:07d}"
+    if not target.exists():
+        shutil.copytree(local / "checkpoint", target)
+    for name in logs:
+        if (local / name).is_file():
+            shutil.copyfile(local / name, run_dir / name)
+    return step

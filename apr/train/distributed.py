@@ -47,3 +47,11 @@ def all_reduce_mean(value: float, dist_info: Distributed) -> float:
         t = t.cuda()
     dist.all_reduce(t)
     return float(t.item()) / dist_info.world
+
+
+def barrier(dist_info: Distributed) -> None:
+    """Wait for every rank (the main one fetching files the others then read)."""
+    if dist_info.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
