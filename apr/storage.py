@@ -195,6 +195,23 @@ def upload(local: str | Path, uri: str | Path, settings: S3Settings | None = Non
     return manifest
 
 
+def remove(uri: str | Path, settings: S3Settings | None = None) -> None:
+    """Delete an artifact: its manifest first (so that it stops being complete at once), then
+    the files the manifest lists, and nothing else under its prefix. Absent: nothing to do."""
+    if not is_complete(uri, settings):
+        return
+    manifest = read_manifest(uri, settings)
+    if not is_remote(uri):
+        (Path(uri) / MANIFEST).unlink()
+        shutil.rmtree(uri)
+        return
+    client = (settings or S3Settings.from_env()).client()
+    bucket, prefix = split_uri(str(uri))
+    for relative in [MANIFEST, *manifest["files"]]:
+        name = f"{prefix}/{relative}" if prefix else relative
+        retry(lambda: client.remove_object(bucket, name), f"remove {relative} of {uri}")
+
+
 # --- reading ----------------------------------------------------------------------------
 def read_manifest(uri: str | Path, settings: S3Settings | None = None) -> dict:
     if not is_remote(uri):

@@ -628,6 +628,12 @@ def test_run_grpo_job_stages_the_inputs_runs_the_job_and_brings_the_model_back(
                                "/shared/initial"]
     assert sidecar["image"] == "example/sglang:1"
     assert _deleted(fake) == [f"{NAME} Foreground"]
+    # staging and checkpoints are cleaned once the model is out; the model and logs stay
+    for gone in ("initial", "problems"):
+        assert not storage.is_complete(f"{base}/{gone}", s3)
+    listed = {o.object_name for o in s3.client().list_objects("apr-store", recursive=True)}
+    assert listed and all(name.startswith(f"pipeline/grpo-runs/{NAME}/run/") for name in listed)
+    assert storage.is_complete(f"{base}/run/model", s3) and storage.is_complete(f"{base}/run/logs", s3)
 
 
 def test_rbac_lets_the_pipeline_runner_launch_jobs():

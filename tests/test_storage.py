@@ -222,3 +222,18 @@ def test_anonymous_requests_read_a_public_store(s3, artifact, tmp_path):
 def test_a_credentials_mode_that_cannot_work_is_named(env, says):
     with pytest.raises(InputError, match=says):
         S3Settings.from_env(env)
+
+
+@pytest.mark.parametrize("where", ["s3", "local"])
+def test_remove_deletes_the_artifact_and_nothing_beside_it(where, s3, artifact, tmp_path):
+    base = "s3://artifacts/runs/9" if where == "s3" else str(tmp_path / "store")
+    settings = s3 if where == "s3" else None
+    storage.upload(artifact, f"{base}/staged", settings)
+    storage.upload(artifact, f"{base}/staged-2", settings)  # a sibling sharing the prefix
+    storage.remove(f"{base}/staged", settings)
+    assert not storage.is_complete(f"{base}/staged", settings)
+    assert storage.is_complete(f"{base}/staged-2", settings)
+    if where == "s3":
+        names = {o.object_name for o in s3.client().list_objects("artifacts", recursive=True)}
+        assert names and all(n.startswith("runs/9/staged-2/") for n in names)
+    storage.remove(f"{base}/staged", settings)  # gone already: nothing to do

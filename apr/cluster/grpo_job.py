@@ -23,7 +23,8 @@ from typing import Any, Callable
 
 from apr.cluster.defaults import S3_ENDPOINT, S3_SECRET, SGLANG_IMAGE, TRAIN_IMAGE
 from apr.cluster.jobs import launch_job, print_now
-from apr.storage import S3Settings, download, upload
+from apr.storage import S3Settings, download, remove, upload
+from apr.train.checkpoints import MIRROR_SLOTS
 
 SGLANG_PORT = 30000
 SHARED = "/shared"  # the weights directory both containers see
@@ -155,4 +156,10 @@ def run_grpo_job(spec_fields: dict, model_dir: str, data_dir: str, store: str,
     download(f"{base}/run/model", out_model, settings)
     with tempfile.TemporaryDirectory() as logs:
         download(f"{base}/run/logs", Path(logs) / "logs", settings)
-        return json.loads((Path(logs) / "logs" / "grpo.json").read_text())
+        summary = json.loads((Path(logs) / "logs" / "grpo.json").read_text())
+    # The run is done and its model is the step's output: what only a resume needed goes
+    # (the staged copies of the SFT model and the problems, the checkpoints with their
+    # optimizer state); the trained model and the logs stay under `base`/run.
+    for staged in ("initial", "problems", *(f"run/{slot}" for slot in MIRROR_SLOTS)):
+        remove(f"{base}/{staged}", settings)
+    return summary
