@@ -201,9 +201,19 @@ def remove(uri: str | Path, settings: S3Settings | None = None) -> None:
     if not is_complete(uri, settings):
         return
     manifest = read_manifest(uri, settings)
+    for relative in manifest["files"]:
+        path = PurePosixPath(relative)
+        if path.is_absolute() or ".." in path.parts:
+            raise StorageError(f"{uri}/{MANIFEST} names {relative!r}, a path outside the "
+                               "artifact: refusing to remove it")
     if not is_remote(uri):
-        (Path(uri) / MANIFEST).unlink()
-        shutil.rmtree(uri)
+        root = Path(uri)
+        (root / MANIFEST).unlink()
+        for relative in manifest["files"]:
+            (root / relative).unlink(missing_ok=True)
+        for folder in sorted((p for p in root.rglob("*") if p.is_dir()), reverse=True) + [root]:
+            if not any(folder.iterdir()):  # emptied by the removal; anything else stays
+                folder.rmdir()
         return
     client = (settings or S3Settings.from_env()).client()
     bucket, prefix = split_uri(str(uri))

@@ -615,6 +615,64 @@ def test_the_sglang_probes_run_and_fail_on_a_non_200(rendered):
     assert all(code != 0 for code in exit_codes())
 
 
+@pytest.mark.slow
+@pytest.mark.sglang
+def test_sglang_runs_from_its_rendered_container_on_a_read_only_root(rendered, tmp_path):
+    """The engine container as the pod runs it: its command, args and env as rendered (the
+    image's python3 is the SGLang environment's, the CPU flags appended, /models/current a
+    tiny model), in a mount namespace whose root is read-only with only /tmp writable, as
+    readOnlyRootFilesystem and the /tmp volume make it; then its own exec probes pass."""
+    import signal
+    import socket
+    import time
+
+    from conftest import sglang_python_or_skip
+
+    from apr import model as model_lib
+    from apr.decode.rollout_server import sglang_cpu_args
+
+    python = sglang_python_or_skip()
+    need(subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode == 0,
+         "unshare --mount (root, to make a read-only root filesystem)")
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", 30000)) == 0:
+            pytest.skip("port 30000 is taken here")
+    sglang = container(rendered("defaults"), "sglang")
+    assert sglang["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"]: m["name"] for m in sglang["volumeMounts"]}
+    assert mounts["/tmp"] == "sglang-tmp" and mounts["/models"] == "models"
+    model_dir = model_lib.save(model_lib.build("tiny", seed=0), tmp_path / "model")
+    command = [python if sglang["command"][0] == "python3" else sglang["command"][0],
+               *("/srv" if a == "/models/current" else a for a in sglang["command"][1:]),
+               *sglang_cpu_args()]
+    env = {"PATH": os.environ["PATH"], **{e["name"]: e["value"] for e in sglang["env"]}}
+    assert env["HOME"] == "/tmp"
+    script = ("set -e; mount --bind \"$1\" /srv; mount -o remount,bind,ro /srv; "
+              "mount -o remount,bind,ro /; mount -t tmpfs -o mode=1777 tmpfs /tmp; "
+              "if touch /srv/x /usr/x 2>/dev/null; then exit 97; fi; "  # really read-only
+              "shift; exec env -i \"$@\"")
+    log = open(tmp_path / "sglang.log", "w")
+    engine = subprocess.Popen(
+        ["unshare", "--mount", "sh", "-c", script, "sh", str(model_dir),
+         *(f"{k}={v}" for k, v in env.items()), *command],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    probes = {p: sglang[p]["exec"]["command"] for p in ("startupProbe", "readinessProbe",
+                                                       "livenessProbe")}
+    try:
+        deadline = time.monotonic() + 300
+        while subprocess.run(probes["startupProbe"], capture_output=True).returncode != 0:
+            assert engine.poll() is None, (tmp_path / "sglang.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "SGLang did not start in 300 s"
+            time.sleep(2)
+        for name in ("readinessProbe", "livenessProbe"):
+            assert subprocess.run(probes[name], capture_output=True).returncode == 0, name
+    finally:
+        if engine.poll() is None:
+            os.killpg(engine.pid, signal.SIGTERM)
+            engine.wait(timeout=60)
+        log.close()
+
+
 def test_service_selects_the_serving_pod_and_not_the_test_pod(rendered):
     objs = rendered("defaults")
     service = one(objs, "Service")

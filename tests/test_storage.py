@@ -236,4 +236,11 @@ def test_remove_deletes_the_artifact_and_nothing_beside_it(where, s3, artifact, 
     if where == "s3":
         names = {o.object_name for o in s3.client().list_objects("artifacts", recursive=True)}
         assert names and all(n.startswith("runs/9/staged-2/") for n in names)
+    else:
+        assert not (tmp_path / "store" / "staged").exists()
+        storage.upload(artifact, f"{base}/staged", settings)
+        (tmp_path / "store" / "staged" / "sub" / "notes.txt").write_text("someone else's")
+        storage.remove(f"{base}/staged", settings)  # only what the manifest lists goes
+        assert [p.name for p in (tmp_path / "store" / "staged").rglob("*") if p.is_file()] == [
+            "notes.txt"]
     storage.remove(f"{base}/staged", settings)  # gone already: nothing to do

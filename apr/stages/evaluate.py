@@ -200,7 +200,7 @@ async def evaluate(engine, problems: list[dict], config: EvalConfig, progress: b
 
     done = await asyncio.gather(*(one(p, s) for p, s in work))
     bar.close()
-    return [r for r, _ in done], examples([(r, vote) for r, vote in done])
+    return [r for r, _ in done], examples(done)
 
 
 def examples(done: list[tuple[dict, Vote]]) -> dict[str, dict]:

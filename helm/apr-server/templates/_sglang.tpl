@@ -26,6 +26,10 @@ sglang.livenessGenerates is set.
     - {{ . | quote }}
     {{- end }}
   env:
+    # The root filesystem is read-only: SGLang's and its kernels' caches (Triton, FlashInfer,
+    # DeepGEMM, torch) go under HOME, on the writable /tmp volume.
+    - name: HOME
+      value: /tmp
     - name: SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION
       value: {{ .Values.sglang.livenessGenerates | quote }}
     {{- with .Values.sglang.env }}
@@ -68,6 +72,8 @@ sglang.livenessGenerates is set.
       readOnly: true
     - name: dshm
       mountPath: /dev/shm
+    - name: sglang-tmp
+      mountPath: /tmp
 {{- end }}
 
 {{/*
