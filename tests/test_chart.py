@@ -647,13 +647,18 @@ def test_sglang_runs_from_its_rendered_container_on_a_read_only_root(rendered, t
                *sglang_cpu_args()]
     env = {"PATH": os.environ["PATH"], **{e["name"]: e["value"] for e in sglang["env"]}}
     assert env["HOME"] == "/tmp"
+    # The SGLang environment may live under /tmp (a clone there): it is put back at its own
+    # path, read-only, on top of the fresh /tmp.
+    environment = str(Path(python).parent.parent)
     script = ("set -e; mount --bind \"$1\" /srv; mount -o remount,bind,ro /srv; "
+              "mount --bind \"$2\" /media; mount -o remount,bind,ro /media; "
               "mount -o remount,bind,ro /; mount -t tmpfs -o mode=1777 tmpfs /tmp; "
+              "mkdir -p \"$2\"; mount --bind /media \"$2\"; "
               "if touch /srv/x /usr/x 2>/dev/null; then exit 97; fi; "  # really read-only
-              "shift; exec env -i \"$@\"")
+              "shift 2; exec env -i \"$@\"")
     log = open(tmp_path / "sglang.log", "w")
     engine = subprocess.Popen(
-        ["unshare", "--mount", "sh", "-c", script, "sh", str(model_dir),
+        ["unshare", "--mount", "sh", "-c", script, "sh", str(model_dir), environment,
          *(f"{k}={v}" for k, v in env.items()), *command],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     probes = {p: sglang[p]["exec"]["command"] for p in ("startupProbe", "readinessProbe",
