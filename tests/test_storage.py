@@ -226,7 +226,7 @@ def test_a_credentials_mode_that_cannot_work_is_named(env, says):
 
 @pytest.mark.parametrize("where", ["s3", "local"])
 def test_remove_deletes_the_artifact_and_nothing_beside_it(where, s3, artifact, tmp_path):
-    base = "s3://artifacts/runs/9" if where == "s3" else str(tmp_path / "store")
+    base = "s3://removal/runs/9" if where == "s3" else str(tmp_path / "store")
     settings = s3 if where == "s3" else None
     storage.upload(artifact, f"{base}/staged", settings)
     storage.upload(artifact, f"{base}/staged-2", settings)  # a sibling sharing the prefix
@@ -234,7 +234,7 @@ def test_remove_deletes_the_artifact_and_nothing_beside_it(where, s3, artifact, 
     assert not storage.is_complete(f"{base}/staged", settings)
     assert storage.is_complete(f"{base}/staged-2", settings)
     if where == "s3":
-        names = {o.object_name for o in s3.client().list_objects("artifacts", recursive=True)}
+        names = {o.object_name for o in s3.client().list_objects("removal", recursive=True)}
         assert names and all(n.startswith("runs/9/staged-2/") for n in names)
     else:
         assert not (tmp_path / "store" / "staged").exists()
