@@ -198,6 +198,10 @@ def run_local(workdir: str | Path, preset: str = "local", store: str | None = No
                 # "custom or non-Python base image ... consider the DockerRunner": the images
                 # are the project's own, and this environment is the one they install
                 warnings.filterwarnings("ignore", "You may be attemping", RuntimeWarning)
+                # "settings ['display_name'] have no effect in the current local runner": the
+                # names are for the UI; the progress lines print them
+                warnings.filterwarnings("ignore", ".*have no effect in the current local runner",
+                                        UserWarning)
                 run(preset=preset, store=str(store or workdir / "store"), s3_endpoint="",
                     datagen_overrides=overrides.get("datagen", []),
                     sft_overrides=overrides.get("sft", []),
