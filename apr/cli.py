@@ -66,6 +66,12 @@ def _http_url(text: str) -> str:
     return text
 
 
+def _s3_uri(text: str) -> str:
+    if not text.startswith("s3://") or len(text) <= len("s3://"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an s3://bucket/prefix URI")
+    return text
+
+
 def _add_config_args(parser: argparse.ArgumentParser, progress: bool = True) -> None:
     parser.add_argument("--config", help="a preset (local, gpu-small, paper) or a YAML file; defaults when omitted")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
@@ -79,10 +85,26 @@ def _datagen(args: argparse.Namespace) -> int:
     from apr.stages import datagen
 
     config = load(datagen.DatagenConfig, args.config, datagen.SECTION, args.overrides)
-    stats = datagen.run(config, args.out, progress=not args.no_progress)
+    part = datagen.Part.parse(args.part) if args.part else None
+    stats = datagen.run(config, args.out, progress=not args.no_progress, part=part)
     print(json.dumps(stats, indent=2))
-    log.info("dataset written to %s", args.out)
+    log.info("%s written to %s", f"part {part}" if part else "dataset", args.out)
     return 0
+
+
+def _datagen_merge(args: argparse.Namespace) -> int:
+    from apr.stages import datagen_merge
+
+    stats = datagen_merge.merge(args.parts, args.out)
+    print(json.dumps(stats, indent=2))
+    log.info("dataset of %d parts written to %s", stats["parts"], args.out)
+    return 0
+
+
+def _sft_node(args: argparse.Namespace) -> int:
+    from apr.train import node
+
+    return node.run(args.data, args.out, args.config, args.overrides, args.workdir)
 
 
 def _sft(args: argparse.Namespace) -> int:
@@ -90,7 +112,7 @@ def _sft(args: argparse.Namespace) -> int:
 
     config = load(sft.SFTConfig, args.config, sft.SECTION, args.overrides)
     result = sft.run(config, args.data, args.out, resume=args.resume,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, mirror=args.mirror)
     print(json.dumps({"model": str(result.model_dir), "steps": result.steps,
                       "train_loss": result.final_train_loss, "val_loss": result.val_loss,
                       "train_sequences": result.train_sequences,
@@ -192,7 +214,7 @@ def _pipeline(args: argparse.Namespace) -> int:
         for stage in CONFIGS:  # as each task will load it: a typo fails now, not minutes later
             _load_config(stage, args.preset, overrides[stage])
         summary = pipeline.run_local(args.workdir, args.preset, args.store, overrides,
-                                     verbose=args.verbose)
+                                     verbose=args.verbose, datagen_pods=args.datagen_pods)
         if summary["metrics"]:
             from apr.report import summary as report_summary
 
@@ -261,7 +283,16 @@ def build_parser() -> argparse.ArgumentParser:
                           epilog=_keys_epilog("datagen"))
     _add_config_args(p)
     p.add_argument("--out", required=True, help="output directory (must not exist)")
+    p.add_argument("--part", metavar="I/N", help="write part I (from 0) of N, to be joined by "
+                   "`apr datagen-merge`: every N-th trace file, from file I on")
     p.set_defaults(run=_datagen)
+
+    p = stages.add_parser("datagen-merge", help="join the parts of `apr datagen --part I/N`",
+                          description="Join dataset parts into one dataset "
+                          "(see apr/stages/datagen_merge.py).")
+    p.add_argument("parts", nargs="+", help="the part directories, all N of them")
+    p.add_argument("--out", required=True, help="output directory (must not exist)")
+    p.set_defaults(run=_datagen_merge)
 
     p = stages.add_parser("sft", help="supervised training on APR or SoS+ threads",
                           description="Train the model from scratch (see apr/stages/sft.py).",
@@ -271,7 +302,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory (model/, checkpoints/, logs)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the last complete checkpoint in --out")
+    p.add_argument("--mirror", default=None, type=_s3_uri, metavar="S3_URI",
+                   help="also upload each checkpoint here; --resume with no checkpoint in "
+                   "--out starts from the newest one here (S3 settings from the environment)")
     p.set_defaults(run=_sft)
+
+    p = stages.add_parser("sft-node", help="one node of a multi-node SFT (a TrainJob's pods)",
+                          description="Fetch the data, run `apr sft` under torchrun with the "
+                          "PET_* rendezvous variables, publish the model from node 0 "
+                          "(see apr/train/node.py).")
+    p.add_argument("--data", required=True, help="the dataset artifact (s3:// URI or directory)")
+    p.add_argument("--out", required=True,
+                   help="where checkpoints/ and result/ go (s3:// URI or directory)")
+    p.add_argument("--config", required=True, help="the preset or YAML file `apr sft` takes")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an sft config field (repeatable)")
+    p.add_argument("--workdir", default="/tmp/apr-sft", help="local scratch: data and run")
+    p.set_defaults(run=_sft_node)
 
     p = stages.add_parser("grpo", help="RL over parent and child threads with a rollout server",
                           description="GRPO from an SFT model (see apr/stages/grpo.py).",
@@ -363,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--preset", default="local")
     c.add_argument("--workdir", default="runs/pipeline", help="pipeline root and local store")
     c.add_argument("--store", default=None, help="publish to this s3:// URI instead")
+    c.add_argument("--datagen-pods", type=int, default=1, metavar="N",
+                   help="write the traces in N parts side by side, then join them (the "
+                   "pipeline's datagen_pods)")
     c.add_argument("--verbose", action="store_true",
                    help="stream every task's log here (default: a line per task, the logs in "
                    "WORKDIR/pipeline.log)")

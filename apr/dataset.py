@@ -16,6 +16,7 @@ from typing import Iterator
 
 from apr import tokenizer as domain_tokenizer
 from apr.config import InputError
+from apr.datagen_parts import PART_FILE
 
 
 class DataError(InputError):
@@ -79,6 +80,9 @@ def _positive_int(value) -> bool:
 
 
 def shard_paths(data_dir: str | Path, kind: str, split: str) -> list[Path]:
+    if (Path(data_dir) / PART_FILE).exists():
+        raise DataError(f"{data_dir} is one part of a dataset written by `apr datagen --part`: "
+                        "join the parts with `apr datagen-merge` and use its output")
     directory = Path(data_dir) / "traces" / kind
     paths = sorted(directory.glob(f"{split}-*.jsonl")) + sorted(directory.glob(f"{split}-*.jsonl.gz"))
     return sorted(paths)

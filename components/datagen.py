@@ -1,4 +1,6 @@
-"""Component: `apr datagen`."""
+"""Components: `apr datagen`, in parts over a ParallelFor of CPU pods, and the plan of parts."""
+
+from typing import List
 
 from kfp import dsl
 
@@ -6,9 +8,19 @@ from apr.cluster.defaults import APR_IMAGE
 
 
 @dsl.component(base_image=APR_IMAGE, install_kfp_package=False)
-def datagen(preset: str, overrides: list, data: dsl.Output[dsl.Dataset],
-            stats: dsl.Output[dsl.Metrics]):
-    """Problems, SoS+ and APR traces and the tokenizer, written to the `data` artifact."""
+def datagen_parts(parts: int) -> List[str]:
+    """The parts of a dataset written by `parts` pods ("0/N" .. "N-1/N"), for a ParallelFor."""
+    from apr.config import InputError
+
+    if parts < 1:
+        raise InputError(f"datagen_parts={parts}: give 1 or more (the pods writing the traces)")
+    return [f"{i}/{parts}" for i in range(parts)]
+
+
+@dsl.component(base_image=APR_IMAGE, install_kfp_package=False)
+def datagen(preset: str, overrides: list, data: dsl.Output[dsl.Dataset], part: str = ""):
+    """The problems, SoS+ and APR traces and the tokenizer, written to the `data` artifact;
+    with `part` "I/N", part I of N of them, which `datagen_merge` joins into the dataset."""
     import shutil
 
     from apr.config import load
@@ -16,10 +28,4 @@ def datagen(preset: str, overrides: list, data: dsl.Output[dsl.Dataset],
 
     config = load(stage.DatagenConfig, preset, stage.SECTION, [str(o) for o in overrides])
     shutil.rmtree(data.path, ignore_errors=True)  # KFP may create the path; datagen wants it new
-    summary = stage.run(config, data.path, progress=False)
-    for split, numbers in summary["splits"].items():
-        if numbers.get("problems"):
-            stats.log_metric(f"{split}_problems", numbers["problems"])
-            stats.log_metric(f"{split}_apr_solve_rate", numbers["apr"]["solve_rate"])
-            stats.log_metric(f"{split}_apr_children", numbers["apr"]["children_per_problem"])
-            stats.log_metric(f"{split}_sos_solve_rate", numbers["sos"]["solve_rate"])
+    stage.run(config, data.path, progress=False, part=stage.Part.parse(part) if part else None)

@@ -24,7 +24,8 @@ from apr.cluster.defaults import (
     TRAIN_IMAGE,
 )
 from components.compare import compare
-from components.datagen import datagen
+from components.datagen import datagen, datagen_parts
+from components.datagen_merge import datagen_merge
 from components.evaluate import evaluate
 from components.grpo import grpo
 from components.publish import publish
@@ -39,12 +40,13 @@ GPU_NODE_LABEL = ("nvidia.com/gpu.present", "true")  # set by NVIDIA's GPU featu
 GPU_STEP_DEADLINE_S = 72 * 3600
 
 
-def _on_gpu(task: dsl.PipelineTask, image) -> dsl.PipelineTask:
-    """One GPU on a GPU node (selector and toleration for its taint), and the CUDA image."""
+def _on_gpu(task: dsl.PipelineTask, image, gpus=1) -> dsl.PipelineTask:
+    """`gpus` GPUs (a number or a pipeline parameter) on a GPU node (selector and toleration
+    for its taint), and the CUDA image."""
     from kfp import kubernetes
 
     task.set_container_image(image)
-    task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(1)
+    task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(gpus)
     task.set_memory_request("16Gi").set_cpu_request("4")
     kubernetes.add_toleration(task, key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
     kubernetes.add_node_selector(task, label_key=GPU_NODE_LABEL[0], label_value=GPU_NODE_LABEL[1])
@@ -73,13 +75,19 @@ def build(cluster: bool = True):
                      s3_endpoint: str = S3_ENDPOINT,
                      image: str = APR_IMAGE, train_image: str = TRAIN_IMAGE,
                      sglang_image: str = SGLANG_IMAGE, namespace: str = "kubeflow",
-                     grpo_timeout_s: float = 0.0):
-        data = datagen(preset=preset, overrides=datagen_overrides).set_display_name("datagen")
+                     grpo_timeout_s: float = 0.0, datagen_pods: int = 1, sft_gpus: int = 1):
+        # The traces are written by `datagen_pods` CPU pods side by side, then joined.
+        plan = datagen_parts(parts=datagen_pods).set_display_name("datagen plan")
+        with dsl.ParallelFor(plan.output, name="datagen-parts") as part:
+            written = datagen(preset=preset, overrides=datagen_overrides, part=part
+                              ).set_display_name("datagen part")
+        data = datagen_merge(parts=dsl.Collected(written.outputs["data"])
+                             ).set_display_name("datagen")
         models = {}
         evaluations = {}
         for traces, label in (("apr", "APR"), ("sos", "SoS+")):
             trained = sft(preset=preset, traces=traces, overrides=sft_overrides, store=store,
-                          s3_endpoint=s3_endpoint, data=data.outputs["data"]
+                          s3_endpoint=s3_endpoint, data=data.outputs["data"], gpus=sft_gpus
                           ).set_display_name(f"SFT {label}")
             final = trained
             if traces == "apr":
@@ -101,7 +109,7 @@ def build(cluster: bool = True):
                                  model=final.outputs["model"], data=data.outputs["data"]
                                  ).set_display_name(f"evaluate {label}")
             if cluster:
-                _on_gpu(trained, train_image)
+                _on_gpu(trained, train_image, sft_gpus)  # torchrun over them
                 _on_gpu(evaluated, train_image)
                 # A retry resumes from the checkpoints mirrored in the store.
                 _with_store_credentials(trained)
@@ -118,7 +126,7 @@ def build(cluster: bool = True):
         published.set_caching_options(False)
         published.after(report)
         if cluster:
-            for task in (data, report, published):
+            for task in (plan, written, data, report, published):
                 task.set_container_image(image)
             _with_store_credentials(published)
 

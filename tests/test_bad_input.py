@@ -112,6 +112,10 @@ def _truncate_traces(data: Path) -> None:
         shard.write_text(text[: len(text) // 2])
 
 
+def _as_part(data: Path) -> None:
+    (data / "part.json").write_text('{"index": 0, "count": 2}')
+
+
 def _bad_data_tokenizer(data: Path) -> None:
     (data / "tokenizer" / "tokenizer.json").write_text("{")
 
@@ -183,6 +187,14 @@ CASES: dict[str, Callable[[Good], list[str]]] = {
         "--set", "problems.train_size=100000000000", "--out", str(g.tmp / "o")],
     "datagen: output under a file": lambda g: [*DATAGEN, "--out", str(_file_in_the_way(g))],
     "datagen: output is a directory it did not write": lambda g: [*DATAGEN, "--out", str(_unrelated_dir(g))],
+    "datagen: --part not I/N": lambda g: [*DATAGEN, "--part", "2", "--out", str(g.tmp / "o")],
+    "datagen: --part index past the count": lambda g: [*DATAGEN, "--part", "4/4", "--out", str(g.tmp / "o")],
+    "datagen-merge: a complete dataset, not a part": lambda g: [
+        "datagen-merge", str(g.data), "--out", str(g.tmp / "o")],
+    "datagen-merge: a directory that is not there": lambda g: [
+        "datagen-merge", str(g.tmp / "none"), "--out", str(g.tmp / "o")],
+    "sft: one part of a dataset, not merged": lambda g: [
+        *SFT, "--data", str(_data_with(g, _as_part)), "--out", str(g.tmp / "o")],
     # sft
     "sft: data directory missing": lambda g: [*SFT, "--data", str(g.tmp / "none"), "--out", str(g.tmp / "o")],
     "sft: truncated trace shard": lambda g: [

@@ -36,7 +36,7 @@ def test_each_component_spec_loads_for_reuse(stage, tmp_path):
     from kfp import compiler, components, dsl
 
     component = components.load_component_from_file(str(ROOT / "components" / f"{stage}.yaml"))
-    assert component.name == stage
+    assert component.name == stage.replace("_", "-")
     if stage != "datagen":
         return
 
@@ -57,15 +57,22 @@ def test_yaml_loads_back_through_kfp_with_the_whole_dag():
     documents = list(yaml.safe_load_all(COMMITTED.read_text()))
     spec, platform = documents[0], documents[1]
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"datagen", "sft", "sft-2", "grpo", "evaluate", "evaluate-2", "compare",
-                          "publish"}
+    assert set(tasks) == {"datagen-parts", "for-loop-1", "datagen-merge", "sft", "sft-2", "grpo",
+                          "evaluate", "evaluate-2", "compare", "publish"}
 
     def upstream(name):
         return set(tasks[name].get("dependentTasks", []))
 
-    assert upstream("sft") == upstream("sft-2") == {"datagen"}
-    assert upstream("grpo") == {"datagen", "sft"}  # GRPO starts from the APR SFT model
-    assert upstream("evaluate") == {"datagen", "grpo"} and upstream("evaluate-2") == {"datagen", "sft-2"}
+    # datagen: a ParallelFor of parts over the plan's list, joined into one dataset
+    loop = tasks["for-loop-1"]
+    assert loop["parameterIterator"]["items"]["inputParameter"].endswith("datagen-parts-Output")
+    assert set(spec["components"]["comp-for-loop-1"]["dag"]["tasks"]) == {"datagen"}
+    assert upstream("for-loop-1") == {"datagen-parts"}
+    assert upstream("datagen-merge") == {"for-loop-1"}
+    assert upstream("sft") == upstream("sft-2") == {"datagen-merge"}
+    assert upstream("grpo") == {"datagen-merge", "sft"}  # GRPO starts from the APR SFT model
+    assert upstream("evaluate") == {"datagen-merge", "grpo"}
+    assert upstream("evaluate-2") == {"datagen-merge", "sft-2"}
     assert upstream("compare") == {"evaluate", "evaluate-2"}
     assert upstream("publish") >= {"grpo", "compare"}  # the published model is the GRPO one
     for task in ("grpo", "sft", "sft-2"):  # each resumes from its checkpoint in the store
@@ -74,7 +81,9 @@ def test_yaml_loads_back_through_kfp_with_the_whole_dag():
     for task in GPU_TASKS:
         container = executors[tasks[task]["componentRef"]["name"].replace("comp-", "exec-")]["container"]
         assert container["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
-        assert str(container["resources"]["accelerator"]["resourceCount"]) == "1"
+        count = str(container["resources"]["accelerator"]["resourceCount"])
+        assert count == ("{{$.inputs.parameters['pipelinechannel--sft_gpus']}}"
+                         if task.startswith("sft") else "1")  # torchrun over the SFT step's
         assert "train_image" in container["image"]
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     for task in GPU_TASKS:
@@ -91,11 +100,13 @@ def test_yaml_loads_back_through_kfp_with_the_whole_dag():
     # KFP's cache; the pure steps may be
     cached = {name for name, task in tasks.items()
               if task.get("cachingOptions", {}).get("enableCache")}
-    assert cached == set(tasks) - {"grpo", "publish"}
+    assert cached == set(tasks) - {"grpo", "publish", "for-loop-1"}  # the loop runs no container
+    inner = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]["datagen"]
+    assert inner["cachingOptions"]["enableCache"]
     launcher = executors["exec-grpo"]["container"]
     assert "accelerator" not in launcher.get("resources", {})  # the GPUs are the Job's
     assert tasks["grpo"]["inputs"]["parameters"]["launcher"]["runtimeValue"]["constant"] == "job"
-    for name in ("preset", "store", "model_name", "model_version", "image", "train_image",
+    for name in ("preset", "datagen_pods", "sft_gpus", "store", "model_name", "model_version", "image", "train_image",
                  "sft_overrides", "grpo_overrides", "sglang_image", "namespace", "s3_endpoint"):
         assert name in spec["root"]["inputDefinitions"]["parameters"]
 
@@ -205,6 +216,31 @@ def test_the_grpo_component_launches_a_job_with_its_own_endpoint(endpoint, tmp_p
     assert metrics.logged == {"steps": 4, "val_accuracy": 0.5}  # a None accuracy is not logged
 
 
+@pytest.mark.slow
+def test_the_sft_component_runs_torchrun_over_its_gpus(tmp_path, monkeypatch):
+    """`gpus` > 1: one `apr sft` process per GPU through torchrun (here two gloo processes on
+    the CPU), and the step's model and metrics come from their run."""
+    from conftest import make_dataset
+
+    pipeline.definition()
+    from components.sft import sft
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    data = make_dataset(tmp_path / "data", train=16, val=4, seed=3, chunk=4)
+    model = SimpleNamespace(path=str(tmp_path / "step" / "model"), metadata={})
+    metrics = FakeMetrics(tmp_path / "metrics")
+    sft.python_func(preset="local", traces="sos", store=str(tmp_path / "store"), s3_endpoint="",
+                    overrides=["shape=tiny", "context=1024", "tokens_per_batch=2048",
+                               "max_steps=2", "eval_every=2", "checkpoint_every=2",
+                               "eval_sequences=4", "dtype=fp32"],
+                    data=SimpleNamespace(path=str(data), uri=str(data)), model=model,
+                    metrics=metrics, gpus=2)
+    assert (Path(model.path) / "model.safetensors").is_file()
+    assert model.metadata == {"traces": "sos", "shape": "tiny", "steps": 2}
+    assert metrics.logged["steps"] == 2
+    assert json.loads((tmp_path / "step" / "sft-run" / "sft.json").read_text())["processes"] == 2
+
+
 def test_progress_prints_a_line_per_task_and_keeps_the_failed_tasks_last_lines():
     log, out = io.StringIO(), io.StringIO()
     progress = TaskProgress(log, out, {"sft-2": "SFT SoS+"}, tail_lines=2)
@@ -228,7 +264,7 @@ def test_a_failed_task_stops_the_run_and_shows_its_last_lines(tmp_path, capsys, 
         pipeline.run_local(tmp_path, overrides={"datagen": ["problems.n_numbers=1"]})
     assert "\n" not in str(failed.value)  # one line for the terminal
     terminal = capsys.readouterr().out.splitlines()
-    assert terminal[-1].split()[:2] == ["datagen", "failure"]  # nothing after it ran
+    assert terminal[-1].split()[:3] == ["datagen", "part", "failure"]  # nothing after it ran
     [record] = [r for r in caplog.records if "last lines" in r.getMessage()]
     assert "n_numbers" in record.getMessage()  # the task's own error, without the rest
     assert "n_numbers" in (tmp_path / "pipeline.log").read_text()
@@ -236,7 +272,7 @@ def test_a_failed_task_stops_the_run_and_shows_its_last_lines(tmp_path, capsys, 
 
 @pytest.mark.slow
 def test_local_run_end_to_end(tmp_path, capsys):
-    summary = pipeline.run_local(tmp_path, overrides={
+    summary = pipeline.run_local(tmp_path, datagen_pods=2, overrides={
         "datagen": ["problems.train_size=40", "problems.val_size=6", "problems.test_size=0",
                     "chunk_size=10", "shard_size=40", "workers=1"],
         "sft": ["max_steps=2", "context=1024", "tokens_per_batch=2048", "eval_sequences=8",
@@ -261,6 +297,6 @@ def test_local_run_end_to_end(tmp_path, capsys):
     terminal = capsys.readouterr().out.splitlines()
     assert all(" success " in line for line in terminal[1:])
     assert sorted(line[2:22].strip() for line in terminal[1:]) == sorted([
-        "datagen", "SFT APR", "SFT SoS+", "GRPO APR", "evaluate APR", "evaluate SoS+",
+        "datagen plan", "datagen part", "datagen part", "datagen", "SFT APR", "SFT SoS+", "GRPO APR", "evaluate APR", "evaluate SoS+",
         "APR vs SoS+ report", "publish model"])
     assert "Streamed logs" in (tmp_path / "pipeline.log").read_text()

@@ -26,7 +26,7 @@ from apr.cluster.progress import ANSI, TaskProgress
 from apr.config import InputError
 
 log = logging.getLogger(__name__)
-STAGES = ("datagen", "sft", "grpo", "evaluate", "compare", "publish")
+STAGES = ("datagen", "datagen_merge", "sft", "grpo", "evaluate", "compare", "publish")
 
 
 def repository_root() -> Path:
@@ -171,8 +171,16 @@ class PipelineFailed(RuntimeError):
     """A task of the local run failed; its own log says why."""
 
 
+def display_names(spec) -> dict[str, str]:
+    """kfp.local's task key -> the name the UI shows, for the tasks of every DAG (a
+    ParallelFor's tasks live in a DAG of their own)."""
+    dags = [spec.root.dag, *(c.dag for c in spec.components.values() if c.HasField("dag"))]
+    return {key: task.task_info.name for dag in dags for key, task in dag.tasks.items()}
+
+
 def run_local(workdir: str | Path, preset: str = "local", store: str | None = None,
-              overrides: dict[str, list[str]] | None = None, verbose: bool = False) -> dict:
+              overrides: dict[str, list[str]] | None = None, verbose: bool = False,
+              datagen_pods: int = 1) -> dict:
     """The whole DAG through kfp.local's SubprocessRunner in this Python environment. Unless
     `verbose`, the terminal gets a line per task and the tasks' logs go to pipeline.log."""
     from kfp import local
@@ -186,7 +194,7 @@ def run_local(workdir: str | Path, preset: str = "local", store: str | None = No
     started = time.perf_counter()
     log_path = workdir / "pipeline.log"
     run = module.build(cluster=False)
-    names = {key: task.task_info.name for key, task in run.pipeline_spec.root.dag.tasks.items()}
+    names = display_names(run.pipeline_spec)
     with open(log_path, "w") if not verbose else nullcontext() as log_file:
         progress = None if verbose else TaskProgress(log_file, sys.stdout, names)
         if progress:
@@ -206,7 +214,7 @@ def run_local(workdir: str | Path, preset: str = "local", store: str | None = No
                     datagen_overrides=overrides.get("datagen", []),
                     sft_overrides=overrides.get("sft", []),
                     grpo_overrides=overrides.get("grpo", []),
-                    evaluate_overrides=overrides.get("evaluate", []))
+                    evaluate_overrides=overrides.get("evaluate", []), datagen_pods=datagen_pods)
         except RuntimeError as e:  # kfp.local's report: the failed task, coloured
             if type(e).__module__.startswith("apr."):
                 raise

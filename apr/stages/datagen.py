@@ -8,6 +8,11 @@ Output (written under `<out>.partial/`, renamed to `<out>` only when complete):
     tokenizer/                          tokenizer.json + config (AutoTokenizer, SGLang)
     stats.json, config.yaml
 The same config gives byte-identical files whatever the number of worker processes.
+
+At scale the traces split over machines: `apr datagen --part I/N` writes part I of N (the
+problems, the tokenizer and every N-th trace file, from file I on, with the numbers behind
+stats.json in `metrics/`), and `apr datagen-merge` joins the N parts into the dataset one
+machine would have written, byte for byte (apr/stages/datagen_merge.py).
 """
 
 from __future__ import annotations
@@ -33,8 +38,8 @@ from apr.countdown.problems import SPLITS, Problem, ProblemSpace, candidates
 from apr.countdown.search import HEURISTICS, SearchParams, apr_search, sos_search
 from apr.countdown.threads import apr_threads, final_text, sos_threads
 from apr.countdown.trace import SUB_CALL_BUDGET, TOKEN_BUDGET, Budget, token_budget
+from apr.datagen_parts import METRICS, PART_FILE, WHOLE, Part, concatenate, summarize
 from apr.resources import check_fits
-from apr.summary import describe
 
 SECTION = "datagen"
 COMPRESSIONS = ("none", "gzip")
@@ -166,8 +171,6 @@ class ChunkResult:
     metrics: dict[str, list[int]]
 
 
-METRICS = ("apr_solved", "apr_children", "apr_chars_path", "apr_chars_longest", "apr_chars_total",
-           "sos_solved", "sos_chars", "apr_tokens_longest", "apr_tokens_total", "sos_tokens")
 
 
 def _encode(records: list[dict], compression: str) -> bytes:
@@ -277,31 +280,6 @@ def generate_problems(config: DatagenConfig, pool, progress: bool
     return splits, drawn
 
 
-def summarize(metrics: dict[str, list[int]]) -> dict:
-    n = len(metrics["apr_solved"])
-    if n == 0:
-        return {"problems": 0}
-    return {
-        "problems": n,
-        "apr": {
-            "solve_rate": round(sum(metrics["apr_solved"]) / n, 4),
-            "children_per_problem": round(sum(metrics["apr_children"]) / n, 3),
-            "chars": {"search_path": describe(metrics["apr_chars_path"]),
-                      "longest_thread": describe(metrics["apr_chars_longest"]),
-                      "all_threads_written": describe(metrics["apr_chars_total"])},
-            "tokens": {"sampled_problems": len(metrics["apr_tokens_longest"]),
-                       "longest_thread": describe(metrics["apr_tokens_longest"]),
-                       "all_threads_written": describe(metrics["apr_tokens_total"])},
-        },
-        "sos": {
-            "solve_rate": round(sum(metrics["sos_solved"]) / n, 4),
-            "chars": {"search_path": describe(metrics["sos_chars"])},
-            "tokens": {"sampled_problems": len(metrics["sos_tokens"]),
-                       "sequence": describe(metrics["sos_tokens"])},
-        },
-    }
-
-
 def _chunks(problems: list[Problem], config: DatagenConfig) -> Iterator[list[Problem]]:
     for start in range(0, len(problems), config.chunk_size):
         yield problems[start:start + config.chunk_size]
@@ -317,32 +295,36 @@ def _token_stride(config: DatagenConfig) -> int:
 
 
 def write_traces(split: str, problems: list[Problem], config: DatagenConfig, out: Path, pool,
-                 progress: bool) -> dict[str, list[int]]:
-    """Solve a split on the pool, streaming each chunk into its shard as it arrives in order."""
+                 progress: bool, part: Part = WHOLE) -> dict[int, dict[str, list[int]]]:
+    """Solve a split on the pool, streaming each chunk into its trace file as it arrives in
+    order; only the files `part` owns. Returns the stats' numbers by file number."""
     suffix = ".jsonl.gz" if config.compression == "gzip" else ".jsonl"
     stride = _token_stride(config)
-    metrics: dict[str, list[int]] = {k: array.array("q") for k in METRICS}
-    per_shard = config.shard_size // config.chunk_size
+    per_file = config.shard_size // config.chunk_size
+    owned = [(n // per_file, chunk) for n, chunk in enumerate(_chunks(problems, config))
+             if part.owns(n // per_file)]
+    metrics: dict[int, dict[str, array.array]] = {}
     files: dict[str, object] = {}
-    bar = _progress(len(problems), f"traces:{split}", progress)
-    work = ((chunk, config, stride) for chunk in _chunks(problems, config))
+    bar = _progress(sum(len(chunk) for _, chunk in owned), f"traces:{split}", progress)
+    work = ((chunk, config, stride) for _, chunk in owned)
     try:
-        for n, result in enumerate(pool.imap(_solve_chunk, work)):
-            if n % per_shard == 0:
+        for (file_index, _), result in zip(owned, pool.imap(_solve_chunk, work)):
+            if file_index not in metrics:
                 for f in files.values():
                     f.close()
-                shard = f"{split}-{n // per_shard:05d}{suffix}"
-                files = {kind: open(out / "traces" / kind / shard, "wb") for kind in ("apr", "sos")}
+                name = f"{split}-{file_index:05d}{suffix}"
+                files = {kind: open(out / "traces" / kind / name, "wb") for kind in ("apr", "sos")}
+                metrics[file_index] = {k: array.array("q") for k in METRICS}
             files["apr"].write(result.apr)
             files["sos"].write(result.sos)
             for key, values in result.metrics.items():
-                metrics[key].extend(values)
+                metrics[file_index][key].extend(values)
             bar.update(len(result.metrics["apr_solved"]))
     finally:
         for f in files.values():
             f.close()
         bar.close()
-    return {k: list(v) for k, v in metrics.items()}
+    return {i: {k: list(v) for k, v in m.items()} for i, m in metrics.items()}
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
@@ -351,8 +333,10 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
             f.write(json.dumps(record, separators=(",", ":")) + "\n")
 
 
-def run(config: DatagenConfig, out: str | Path, progress: bool = True) -> dict:
-    """Write the whole dataset to `out`; returns the stats. Refuses to overwrite `out`."""
+def run(config: DatagenConfig, out: str | Path, progress: bool = True,
+        part: Part | None = None) -> dict:
+    """Write the whole dataset (or one `part` of it, for `datagen_merge`; a part of one is a
+    part too) to `out`; returns the stats. Refuses to overwrite `out`."""
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists: remove it or choose another --out")
@@ -360,11 +344,12 @@ def run(config: DatagenConfig, out: str | Path, progress: bool = True) -> dict:
     check_fits("problems.train_size", config.problems.train_size, total * PROBLEM_BYTES,
                "ask for fewer problems, or run on a machine with more memory")
     with atomic.partial_dir(out) as partial:  # the dataset appears complete, or not at all
-        stats = _write_dataset(config, partial, progress)
+        stats = _write_dataset(config, partial, progress, part)
     return stats
 
 
-def _write_dataset(config: DatagenConfig, partial: Path, progress: bool) -> dict:
+def _write_dataset(config: DatagenConfig, partial: Path, progress: bool, part: Part | None
+                   ) -> dict:
     for d in ("problems", "traces/apr", "traces/sos"):
         (partial / d).mkdir(parents=True)
     workers = config.workers or os.cpu_count() or 1
@@ -375,20 +360,27 @@ def _write_dataset(config: DatagenConfig, partial: Path, progress: bool) -> dict
         for split, problems in splits.items():
             _write_jsonl(partial / "problems" / f"{split}.jsonl", [p.to_json() for p in problems])
         problems_seconds = time.perf_counter() - started
-        stats_by_split = {}
-        for split, problems in splits.items():
-            metrics = write_traces(split, problems, config, partial, pool, progress)
-            stats_by_split[split] = summarize(metrics)
+        metrics = {split: write_traces(split, problems, config, partial, pool, progress,
+                                       part if part is not None else WHOLE)
+                   for split, problems in splits.items()}
     tokenizer.save(partial / "tokenizer")
     seconds = time.perf_counter() - started
     total = sum(len(p) for p in splits.values())
     stats = {
-        "splits": stats_by_split,
         "problems": {"drawn": drawn, "kept": total, "duplicates_dropped": drawn - total},
         "workers": workers,
         "seconds": {"problems": round(problems_seconds, 2), "total": round(seconds, 2)},
-        "problems_per_second": round(total / seconds, 1) if seconds else None,
     }
-    (partial / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     (partial / "config.yaml").write_text(dump(config, SECTION))
+    if part is not None:  # the numbers, not the stats: only the merge sees every file
+        (partial / "metrics").mkdir()
+        for split, by_file in metrics.items():
+            (partial / "metrics" / f"{split}.json").write_text(
+                json.dumps({str(i): m for i, m in by_file.items()}, separators=(",", ":")))
+        (partial / PART_FILE).write_text(
+            json.dumps({"index": part.index, "count": part.count, **stats}, indent=2) + "\n")
+        return stats
+    stats = {"splits": {split: summarize(concatenate(by_file)) for split, by_file in metrics.items()},
+             **stats, "problems_per_second": round(total / seconds, 1) if seconds else None}
+    (partial / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     return stats

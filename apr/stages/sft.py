@@ -246,6 +246,18 @@ class SFTResult:
     train_sequences: int
     dropped_sequences: int
 
+    @classmethod
+    def read(cls, out: str | Path) -> "SFTResult":
+        """The result of a finished run in `out` (from its sft.json), for a caller that ran
+        it in other processes (torchrun)."""
+        out = Path(out)
+        try:
+            summary = json.loads((out / "sft.json").read_text())
+        except (OSError, ValueError) as e:
+            raise RuntimeError(f"{out} holds no finished SFT run ({e})") from None
+        return cls(out / "model", summary["steps"], summary["train_loss"], summary["val_loss"],
+                   summary["train_sequences"], summary["dropped_sequences"])
+
 
 def run(config: SFTConfig, data: str | Path, out: str | Path, resume: bool = False,
         progress: bool = True, mirror: str | None = None, mirror_settings=None) -> SFTResult:
@@ -282,7 +294,9 @@ def run(config: SFTConfig, data: str | Path, out: str | Path, resume: bool = Fal
     total_steps = config.max_steps or max(1, int(per_epoch * config.epochs) // micro_per_step)
     checkpoints = out / "checkpoints"
     state = {"step": 0, "tokens": 0}
-    if resume and mirror and dist_info.main and not complete_checkpoints(checkpoints):
+    # Every node resumes from the same step: its first process fetches the mirror's checkpoint
+    # onto the node's disk (a restarted TrainJob's pods start with empty ones).
+    if resume and mirror and dist_info.local_main and not complete_checkpoints(checkpoints):
         pulled = pull_mirror(mirror, checkpoints, out, ("metrics.jsonl",), mirror_settings)
         if pulled is not None:
             log.info("checkpoint of step %d taken from %s", pulled, mirror)
@@ -377,7 +391,7 @@ def run(config: SFTConfig, data: str | Path, out: str | Path, resume: bool = Fal
         summary = {"steps": state["step"], "train_loss": train_loss, "val_loss": val_loss,
                    "train_sequences": len(train), "dropped_sequences": train.dropped,
                    "train_target_tokens": state["tokens"],
-                   "parameters": model_lib.parameter_count(model)}
+                   "parameters": model_lib.parameter_count(model), "processes": dist_info.world}
         (out / "sft.json").write_text(json.dumps(summary, indent=2) + "\n")
         metrics_log.close()
     if dist_info.world > 1:

@@ -1,4 +1,4 @@
-"""Single-node data parallelism: the process group torchrun asks for, and a mean across ranks."""
+"""Data parallelism: the process group torchrun asks for, and a mean across ranks."""
 
 from __future__ import annotations
 
@@ -15,6 +15,11 @@ class Distributed:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def local_main(self) -> bool:
+        """The first process of its node: what each node's disk needs, it fetches."""
+        return self.local_rank == 0
 
 
 def setup():
