@@ -29,7 +29,8 @@ def grpo(preset: str, overrides: list, launcher: str, run_id: str, store: str,
     overrides = [str(o) for o in overrides]
     config = load(stage.GRPOConfig, preset, stage.SECTION, overrides)
     if launcher == "job":
-        from apr.cluster.grpo_job import job_name, run_grpo_job
+        from apr.cluster.grpo_job import run_grpo_job
+        from apr.cluster.jobs import job_name
         from apr.storage import S3Settings
 
         settings = S3Settings.from_env(endpoint=s3_endpoint)  # credentials: the step's Secret

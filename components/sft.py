@@ -1,21 +1,36 @@
-"""Component: `apr sft` (APR or SoS+ traces)."""
+"""Components: `apr sft` (APR or SoS+ traces) on one GPU, torchrun over several, or a
+Trainer TrainJob over several nodes; and the GPUs the SFT step itself asks for."""
 
 from kfp import dsl
 
-from apr.cluster.defaults import TRAIN_IMAGE
+from apr.cluster.defaults import APR_IMAGE, TRAIN_IMAGE
+
+
+@dsl.component(base_image=APR_IMAGE, install_kfp_package=False)
+def sft_step_gpus(nodes: int, gpus: int) -> int:
+    """The GPUs the SFT step requests: `gpus` on one node; none beyond (the step then only
+    launches and follows the TrainJob, whose pods hold the GPUs)."""
+    from apr.config import InputError
+
+    if nodes < 1 or gpus < 1:
+        raise InputError(f"sft_nodes={nodes}, sft_gpus={gpus}: give 1 or more of each")
+    return gpus if nodes == 1 else 0
 
 
 @dsl.component(base_image=TRAIN_IMAGE, install_kfp_package=False)
 def sft(preset: str, traces: str, overrides: list, store: str, s3_endpoint: str,
         data: dsl.Input[dsl.Dataset], model: dsl.Output[dsl.Model],
-        metrics: dsl.Output[dsl.Metrics], gpus: int = 1):
+        metrics: dsl.Output[dsl.Metrics], gpus: int = 1, nodes: int = 1,
+        run_id: str = "local", namespace: str = "kubeflow", image: str = ""):
     """Train from scratch on `traces` ("apr" or "sos"); the model directory is the artifact.
-    With `gpus` > 1, torchrun runs `apr sft` in one process per GPU (data parallel).
 
-    With an s3:// `store`, checkpoints are mirrored under `store`/sft-runs/KEY, KEY naming the
-    inputs (the data artifact and the config): a retried step resumes from there, and the
-    step stays a function of its inputs, so KFP's cache still applies. Beyond one node, the
-    pipeline's SFT is a Trainer TrainJob instead (`apr.cluster.trainjob`)."""
+    One node: `apr sft` here, on `gpus` GPUs (torchrun, one process each, when more than
+    one). With an s3:// `store`, checkpoints are mirrored under `store`/sft-runs/KEY, KEY
+    naming the inputs (the data artifact, the config, the GPUs): a retried step resumes from
+    there, and the step stays a function of its inputs, so KFP's cache still applies.
+    `nodes` > 1: a Kubeflow Trainer TrainJob of `nodes` x `gpus` in `namespace` with `image`
+    (default: the project's training image), launched and followed from here (`apr.cluster.trainjob`); its checkpoints are mirrored
+    under `store`/sft-jobs/NAME, NAME from `run_id` and `traces`, so a retry resumes too."""
     import hashlib
     import os
     import shutil
@@ -34,7 +49,21 @@ def sft(preset: str, traces: str, overrides: list, store: str, s3_endpoint: str,
         inputs = f"{data.uri}\n{dump(config, stage.SECTION)}" + (f"\ngpus={gpus}" * (gpus > 1))
         key = hashlib.sha256(inputs.encode()).hexdigest()  # gpus: the global batch's size
         mirror = f"{store.rstrip('/')}/sft-runs/{key[:16]}"
-    if gpus > 1:
+    if nodes > 1:
+        from apr.cluster.defaults import TRAIN_IMAGE
+        from apr.cluster.jobs import job_name
+        from apr.cluster.trainjob import run_sft_trainjob
+
+        if settings is None:
+            raise ValueError(f"store {store!r}: a TrainJob (sft_nodes > 1) needs an s3:// store "
+                             "that its pods reach")
+        fields = {"name": job_name(f"{run_id}/{traces}", "apr-sft"), "namespace": namespace,
+                  "image": image or TRAIN_IMAGE, "preset": preset, "overrides": tuple(overrides),
+                  "nodes": nodes, "gpus_per_node": gpus,
+                  "s3_endpoint": s3_endpoint or settings.url}
+        run_sft_trainjob(fields, data.path, store, run_dir, settings)
+        result = stage.SFTResult.read(run_dir)
+    elif gpus > 1:
         from apr.train.launch import sft_args, torchrun_here
 
         env = {**os.environ, **({"S3_ENDPOINT": s3_endpoint} if s3_endpoint else {})}

@@ -29,7 +29,7 @@ from components.datagen_merge import datagen_merge
 from components.evaluate import evaluate
 from components.grpo import grpo
 from components.publish import publish
-from components.sft import sft
+from components.sft import sft, sft_step_gpus
 
 PIPELINE_NAME = "apr-countdown"
 COMPILED = Path("pipelines") / "apr_pipeline.yaml"
@@ -75,7 +75,8 @@ def build(cluster: bool = True):
                      s3_endpoint: str = S3_ENDPOINT,
                      image: str = APR_IMAGE, train_image: str = TRAIN_IMAGE,
                      sglang_image: str = SGLANG_IMAGE, namespace: str = "kubeflow",
-                     grpo_timeout_s: float = 0.0, datagen_pods: int = 1, sft_gpus: int = 1):
+                     grpo_timeout_s: float = 0.0, datagen_pods: int = 1, sft_gpus: int = 1,
+                     sft_nodes: int = 1):
         # The traces are written by `datagen_pods` CPU pods side by side, then joined.
         plan = datagen_parts(parts=datagen_pods).set_display_name("datagen plan")
         with dsl.ParallelFor(plan.output, name="datagen-parts") as part:
@@ -83,11 +84,15 @@ def build(cluster: bool = True):
                               ).set_display_name("datagen part")
         data = datagen_merge(parts=dsl.Collected(written.outputs["data"])
                              ).set_display_name("datagen")
+        # SFT on one node holds its GPUs; beyond one it only follows the TrainJob that does.
+        step_gpus = sft_step_gpus(nodes=sft_nodes, gpus=sft_gpus).set_display_name("SFT GPUs")
         models = {}
         evaluations = {}
         for traces, label in (("apr", "APR"), ("sos", "SoS+")):
             trained = sft(preset=preset, traces=traces, overrides=sft_overrides, store=store,
-                          s3_endpoint=s3_endpoint, data=data.outputs["data"], gpus=sft_gpus
+                          s3_endpoint=s3_endpoint, data=data.outputs["data"], gpus=sft_gpus,
+                          nodes=sft_nodes, namespace=namespace, image=train_image,
+                          run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER if cluster else "local"
                           ).set_display_name(f"SFT {label}")
             final = trained
             if traces == "apr":
@@ -109,7 +114,8 @@ def build(cluster: bool = True):
                                  model=final.outputs["model"], data=data.outputs["data"]
                                  ).set_display_name(f"evaluate {label}")
             if cluster:
-                _on_gpu(trained, train_image, sft_gpus)  # torchrun over them
+                _on_gpu(trained, train_image, step_gpus.output)
+                trained.after(step_gpus)  # a resource field is no data edge: wait for it
                 _on_gpu(evaluated, train_image)
                 # A retry resumes from the checkpoints mirrored in the store.
                 _with_store_credentials(trained)
@@ -126,7 +132,7 @@ def build(cluster: bool = True):
         published.set_caching_options(False)
         published.after(report)
         if cluster:
-            for task in (plan, written, data, report, published):
+            for task in (plan, written, data, step_gpus, report, published):
                 task.set_container_image(image)
             _with_store_credentials(published)
 

@@ -1,8 +1,8 @@
 """The Job launcher against a fake Kubernetes API server on loopback, driven by the real client.
 
-The fake serves only what the launcher calls (Jobs, the pod list, pod logs) and plays one Job
-whose course each test scripts: the pod appears, the trainer starts after a few status reads,
-and it exits once its log has been streamed to the end.
+The fake serves only what the launcher calls (Jobs or TrainJobs, the pod list, pod logs) and
+plays one of them, whose course each test scripts: the pod appears, the trainer starts after a
+few status reads, and it exits once its log has been streamed to the end.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from apr.cluster import jobs as launch
 from apr.cluster.grpo_job import GRPOJobSpec, grpo_job
 from apr.cluster.jobs import JobFailed, LaunchError, launch_job
 from apr.cluster.rbac import rbac_manifests
+from apr.cluster.trainjob import TrainJobSpec, trainjob
 
 NAME, NS = "grpo-run-1", "kubeflow"
 LINES = ("step 1 loss 0.91", "step 2 loss 0.74", '{"step": 3, "loss": 0.52}', "saved checkpoint")
@@ -52,6 +53,7 @@ class Script:
     refused: str | None = None  # no pod is ever made; the event that says why
     suspended: bool = False  # held by a queue: spec.suspend, and no pod
     deleted_at: int | None = None  # from this Job read on, someone else is deleting it
+    kind: str = "Job"  # or "TrainJob": a custom object whose JobSet's node 0 runs `node`
 
 
 def _status_error(code: int, reason: str, message: str) -> JSONResponse:
@@ -80,10 +82,12 @@ class FakeCluster:
         self.old_pod: dict | None = None
         self.created: dict | None = None  # the manifest the launcher sent
         self.job_gets = 0
+        self.trainjob = script.kind == "TrainJob"
+        self.container = "node" if self.trainjob else "trainer"
         if script.existing:
             self.job = self._new_job({"metadata": {"name": NAME, "namespace": NS}}, "old-run")
             self.old_pod = self._pod("old-run", trainer=_container(
-                "trainer", {"terminated": {"exitCode": 1, "reason": "Error"}}), phase="Failed")
+                self.container, {"terminated": {"exitCode": 1, "reason": "Error"}}), phase="Failed")
 
     def _new_job(self, body: dict, uid: str) -> dict:
         job = copy.deepcopy(body)
@@ -92,12 +96,17 @@ class FakeCluster:
 
     def _pod(self, uid: str, trainer: dict, phase: str, init: list | None = None,
              conditions: list | None = None) -> dict:
+        labels, owner = {"job-name": NAME}, {"name": NAME, "uid": uid}
+        if self.trainjob:  # the JobSet's indexed Job `node`, its pod of completion index 0
+            labels = {"jobset.sigs.k8s.io/jobset-name": NAME, "job-name": f"{NAME}-node-0",
+                      "batch.kubernetes.io/job-completion-index": "0"}
+            owner = {"name": f"{NAME}-node-0", "uid": f"jobset-job-{uid}"}
         return {
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": f"{NAME}-{uid[:5]}", "namespace": NS,
-                         "labels": {"job-name": NAME}, "creationTimestamp": "2026-01-01T00:00:01Z",
-                         "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": NAME,
-                                              "uid": uid, "controller": True}]},
+                         "labels": labels, "creationTimestamp": "2026-01-01T00:00:01Z",
+                         "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job",
+                                              "controller": True, **owner}]},
             "status": {"phase": phase, "conditions": conditions or [],
                        "initContainerStatuses": init or [], "containerStatuses": [trainer]},
         }
@@ -110,6 +119,8 @@ class FakeCluster:
             self.deleting -= 1
             if not self.deleting:
                 self.job = None
+                if self.trainjob:  # Foreground: the JobSet's pods went before it
+                    self.old_pod = None
             return self.job
         self.reads += 1
         s = self.script
@@ -134,12 +145,13 @@ class FakeCluster:
             return pods
         s, uid = self.script, self.job["metadata"]["uid"]
         if s.unschedulable:
-            return pods + [self._pod(uid, _container("trainer", {"waiting": {"reason": "Pending"}}),
+            return pods + [self._pod(uid, _container(self.container, {"waiting": {"reason": "Pending"}}),
                                      "Pending", conditions=[
                 {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
                  "message": s.unschedulable}])]
-        init = [_container("pull-model", {"terminated": {"exitCode": 0, "reason": "Completed"}}),
-                _container("sglang", {"running": {}}, ready=True)]
+        init = [] if self.trainjob else [
+            _container("pull-model", {"terminated": {"exitCode": 0, "reason": "Completed"}}),
+            _container("sglang", {"running": {}}, ready=True)]
         for i, c in enumerate(init):
             if c["name"] in s.waiting:
                 reason, message = s.waiting[c["name"]]
@@ -150,8 +162,8 @@ class FakeCluster:
                                             "message": "back-off 20s restarting failed container"}},
                     restarts=2, last={"terminated": {"exitCode": s.crashed[c["name"]][0],
                                                      "reason": "Error"}})
-        if "trainer" in s.waiting:
-            reason, message = s.waiting["trainer"]
+        if self.container in s.waiting:
+            reason, message = s.waiting[self.container]
             trainer, phase = {"waiting": {"reason": reason, "message": message}}, "Pending"
         elif self.trainer == "waiting":
             trainer, phase = {"waiting": {"reason": "PodInitializing"}}, "Pending"
@@ -161,13 +173,13 @@ class FakeCluster:
             code = s.exit_code
             trainer = {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error"}}
             phase = "Succeeded" if code == 0 else "Failed"
-        return pods + [self._pod(uid, _container("trainer", trainer), phase, init)]
+        return pods + [self._pod(uid, _container(self.container, trainer), phase, init)]
 
     def log_lines(self, pod: str, container: str, previous: bool) -> tuple[str, ...] | None:
         """A container's log, None where the API would refuse (never started)."""
         if self.old_pod and pod == self.old_pod["metadata"]["name"]:
             return ("the old run's log",)
-        if container == "trainer":
+        if container == self.container:
             return None if self.trainer == "waiting" else self.script.lines
         if container in self.script.crashed:
             return self.script.crashed[container][1] if previous else None
@@ -178,12 +190,20 @@ def fake_api(current: dict[str, FakeCluster]) -> FastAPI:
     """The REST endpoints the launcher calls, answered by `current["cluster"]` (one per test)."""
     app = FastAPI()
     jobs = "/apis/batch/v1/namespaces/{ns}/jobs"
+    trainjobs = "/apis/trainer.kubeflow.org/v1alpha1/namespaces/{ns}/trainjobs"
+
+    def resource(request: Request) -> str:
+        """The resource asked for, which must be the kind the test plays."""
+        name = "trainjobs" if "/trainjobs" in request.url.path else "jobs"
+        assert name == ("trainjobs" if current["cluster"].trainjob else "jobs")
+        return name
 
     @app.post(jobs)
+    @app.post(trainjobs)
     async def create_job(ns: str, request: Request):
         cluster = current["cluster"]
         body = await request.json()
-        cluster.calls.append(("create", "jobs", body["metadata"]["name"]))
+        cluster.calls.append(("create", resource(request), body["metadata"]["name"]))
         if cluster.job is not None:
             return _status_error(409, "AlreadyExists", f'jobs.batch "{NAME}" already exists')
         cluster.job, cluster.created = cluster._new_job(body, str(uuid.uuid4())), body
@@ -191,9 +211,10 @@ def fake_api(current: dict[str, FakeCluster]) -> FastAPI:
         return JSONResponse({**cluster.job, "status": {}}, status_code=201)
 
     @app.get(jobs + "/{name}")
-    async def read_job(ns: str, name: str):
+    @app.get(trainjobs + "/{name}")
+    async def read_job(ns: str, name: str, request: Request):
         cluster = current["cluster"]
-        cluster.calls.append(("get", "jobs", name))
+        cluster.calls.append(("get", resource(request), name))
         cluster.job_gets += 1
         status = cluster.script.read_errors.get(cluster.job_gets)
         if status == 404:
@@ -211,9 +232,10 @@ def fake_api(current: dict[str, FakeCluster]) -> FastAPI:
         return job
 
     @app.delete(jobs + "/{name}")
-    async def delete_job(ns: str, name: str, propagationPolicy: str = ""):
+    @app.delete(trainjobs + "/{name}")
+    async def delete_job(ns: str, name: str, request: Request, propagationPolicy: str = ""):
         cluster = current["cluster"]
-        cluster.calls.append(("delete", "jobs", f"{name} {propagationPolicy}"))
+        cluster.calls.append(("delete", resource(request), f"{name} {propagationPolicy}"))
         if cluster.job is None:
             return _status_error(404, "NotFound", f'jobs.batch "{name}" not found')
         cluster.deleting = cluster.script.delete_reads
@@ -225,7 +247,9 @@ def fake_api(current: dict[str, FakeCluster]) -> FastAPI:
     async def list_pods(ns: str, labelSelector: str = ""):
         cluster = current["cluster"]
         cluster.calls.append(("list", "pods", labelSelector))
-        assert labelSelector == f"job-name={NAME}"
+        assert labelSelector == (
+            f"jobset.sigs.k8s.io/jobset-name={NAME},batch.kubernetes.io/job-completion-index=0"
+            if cluster.trainjob else f"job-name={NAME}")
         return {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": cluster.pods()}
 
     @app.get("/api/v1/namespaces/{ns}/events")
@@ -542,6 +566,103 @@ def test_an_interrupted_launch_still_deletes_the_job(cluster, interrupt):
     assert _deleted(fake) == [f"{NAME} Foreground"]
 
 
+# --- a TrainJob (SFT beyond one node), through the same launcher -------------------------
+def _trainjob() -> dict:
+    return trainjob(TrainJobSpec(name=NAME, namespace=NS, data_uri="s3://apr-models/d",
+                                 out_uri="s3://apr-models/o", preset="paper"))
+
+
+@pytest.mark.parametrize("cluster", [{"kind": "TrainJob"}], indirect=True)
+def test_a_trainjob_streams_node_0s_log_and_is_deleted(cluster):
+    fake, client = cluster
+    logged: list[str] = []
+    summary = launch_job(_trainjob(), poll_s=0.02, log=logged.append, api_client=client,
+                         timeout_s=60)
+    assert summary["succeeded"] is True
+    assert _trainer_lines(logged) == list(LINES)
+    assert f"launcher: created TrainJob {NS}/{NAME}" in logged
+    assert fake.created["spec"]["activeDeadlineSeconds"] == 60  # the cluster ends it too
+    assert _deleted(fake) == [f"{NAME} Foreground"] and fake.calls[-1][:2] == ("delete", "trainjobs")
+    role, _ = rbac_manifests(NS)  # the Role grants what the launcher called
+    granted = {(r, v) for rule in role["rules"] for r in rule["resources"] for v in rule["verbs"]}
+    assert {(resource, verb) for verb, resource, _ in fake.calls} <= granted
+
+
+@pytest.mark.parametrize("cluster", [{"kind": "TrainJob", "exit_code": 1}], indirect=True)
+def test_a_failed_trainjob_raises_with_node_0s_log_tail(cluster):
+    fake, client = cluster
+    with pytest.raises(JobFailed) as failed:
+        launch_job(_trainjob(), poll_s=0.02, log=[].append, api_client=client)
+    message = str(failed.value)
+    assert message.startswith(f"TrainJob {NS}/{NAME} failed: ")
+    assert "container node exited with code 1 (Error)" in message
+    assert message.endswith("\n".join(LINES))
+    assert _deleted(fake) == [f"{NAME} Foreground"]
+
+
+@pytest.mark.parametrize("cluster", [{"kind": "TrainJob", "existing": True}], indirect=True)
+def test_a_trainjob_left_by_an_earlier_try_is_replaced(cluster):
+    fake, client = cluster
+    logged: list[str] = []
+    assert launch_job(_trainjob(), poll_s=0.02, log=logged.append, api_client=client)["succeeded"]
+    assert [c[1] for c in fake.calls if c[0] == "create"] == ["trainjobs", "trainjobs"]
+    assert "the old run's log" not in logged and _trainer_lines(logged) == list(LINES)
+
+
+@pytest.mark.parametrize("cluster", [{"kind": "TrainJob"}], indirect=True)
+def test_run_sft_trainjob_stages_the_data_runs_it_and_brings_the_model_back(
+        cluster, s3, monkeypatch, tmp_path):
+    """The pipeline step's side of a multi-node SFT, against the fake API server and a real
+    S3 server; node 0 is played by the test, which publishes the result while its log is
+    streamed (as `apr sft-node` does)."""
+    from test_trainjob import check
+
+    from apr.cluster import trainjob as trainjob_launch
+    from apr.train.checkpoints import MIRROR_SLOTS
+
+    fake, client = cluster
+    data = tmp_path / "data"
+    (data / "problems").mkdir(parents=True)
+    (data / "problems" / "train.jsonl").write_text('{"nums": [1, 2, 3], "target": 6}\n')
+    result = tmp_path / "result"
+    (result / "model").mkdir(parents=True)
+    (result / "model" / "model.safetensors").write_bytes(b"sft weights")
+    (result / "sft.json").write_text('{"steps": 7}')
+    base = f"s3://apr-store/pipeline/sft-jobs/{NAME}"
+    monkeypatch.setattr(trainjob_launch, "launch_job", lambda manifest, **kwargs: launch.launch_job(
+        manifest, poll_s=0.02, api_client=client, **kwargs))
+
+    def node_0_runs(line: str) -> None:
+        if line == LINES[0]:  # running: its data is in the store; it checkpoints, then ends
+            seen = storage.download(f"{base}/data", tmp_path / "seen", s3)
+            assert _files(seen) == _files(data)
+            for slot in MIRROR_SLOTS:
+                storage.upload(result / "model", f"{base}/checkpoints/{slot}", s3)
+            storage.upload(result, f"{base}/result", s3)
+
+    fields = {"name": NAME, "namespace": NS, "preset": "paper", "overrides": ("traces=apr",),
+              "nodes": 4, "gpus_per_node": 8, "image": "example/apr-train:1",
+              "s3_endpoint": "http://minio.kubeflow:9000"}
+    out = trainjob_launch.run_sft_trainjob(fields, str(data), "s3://apr-store/pipeline", 
+                                           str(tmp_path / "out"), settings=s3, log=node_0_runs)
+    assert _files(out) == _files(result)
+    check(fake.created)
+    trainer = fake.created["spec"]["trainer"]
+    assert (trainer["numNodes"], trainer["numProcPerNode"], trainer["image"]) == (
+        4, 8, "example/apr-train:1")
+    args = trainer["args"]
+    assert (args[args.index("--data") + 1], args[args.index("--out") + 1]) == (f"{base}/data", base)
+    # the staged data and the checkpoints are gone once the model is out; the result stays
+    for gone in ("data", *(f"checkpoints/{slot}" for slot in MIRROR_SLOTS)):
+        assert not storage.is_complete(f"{base}/{gone}", s3)
+    assert storage.is_complete(f"{base}/result", s3)
+
+
+def test_only_jobs_and_trainjobs_are_launched():
+    with pytest.raises(LaunchError, match="cannot launch a 'Deployment'"):
+        launch_job({"kind": "Deployment", "metadata": {"name": "x"}}, api_client=object())
+
+
 def _files(directory) -> dict[str, bytes]:
     return {p.relative_to(directory).as_posix(): p.read_bytes()
             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != storage.MANIFEST}
@@ -643,6 +764,8 @@ def test_rbac_lets_the_pipeline_runner_launch_jobs():
     rules = {(group, resource): set(rule["verbs"]) for rule in role["rules"]
              for group in rule["apiGroups"] for resource in rule["resources"]}
     assert rules == {("batch", "jobs"): {"create", "get", "list", "watch", "delete"},
+                     ("trainer.kubeflow.org", "trainjobs"): {"create", "get", "list", "watch",
+                                                             "delete"},
                      ("", "pods"): {"get", "list", "watch"}, ("", "pods/log"): {"get"},
                      ("", "events"): {"list"}}
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",

@@ -13,7 +13,9 @@ import yaml
 
 from apr import storage
 from apr.cluster import pipeline
+from apr.cluster.jobs import job_name
 from apr.cluster.progress import TaskProgress
+from apr.config import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "pipelines" / "apr_pipeline.yaml"
@@ -57,8 +59,8 @@ def test_yaml_loads_back_through_kfp_with_the_whole_dag():
     documents = list(yaml.safe_load_all(COMMITTED.read_text()))
     spec, platform = documents[0], documents[1]
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"datagen-parts", "for-loop-1", "datagen-merge", "sft", "sft-2", "grpo",
-                          "evaluate", "evaluate-2", "compare", "publish"}
+    assert set(tasks) == {"datagen-parts", "for-loop-1", "datagen-merge", "sft-step-gpus", "sft",
+                          "sft-2", "grpo", "evaluate", "evaluate-2", "compare", "publish"}
 
     def upstream(name):
         return set(tasks[name].get("dependentTasks", []))
@@ -69,7 +71,7 @@ def test_yaml_loads_back_through_kfp_with_the_whole_dag():
     assert set(spec["components"]["comp-for-loop-1"]["dag"]["tasks"]) == {"datagen"}
     assert upstream("for-loop-1") == {"datagen-parts"}
     assert upstream("datagen-merge") == {"for-loop-1"}
-    assert upstream("sft") == upstream("sft-2") == {"datagen-merge"}
+    assert upstream("sft") == upstream("sft-2") == {"datagen-merge", "sft-step-gpus"}
     assert upstream("grpo") == {"datagen-merge", "sft"}  # GRPO starts from the APR SFT model
     assert upstream("evaluate") == {"datagen-merge", "grpo"}
     assert upstream("evaluate-2") == {"datagen-merge", "sft-2"}
@@ -82,8 +84,9 @@ def test_yaml_loads_back_through_kfp_with_the_whole_dag():
         container = executors[tasks[task]["componentRef"]["name"].replace("comp-", "exec-")]["container"]
         assert container["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
         count = str(container["resources"]["accelerator"]["resourceCount"])
-        assert count == ("{{$.inputs.parameters['pipelinechannel--sft_gpus']}}"
-                         if task.startswith("sft") else "1")  # torchrun over the SFT step's
+        # SFT: its GPUs (torchrun over them), none when it only follows a TrainJob
+        assert count == ("{{$.inputs.parameters['pipelinechannel--sft-step-gpus-Output']}}"
+                         if task.startswith("sft") else "1")
         assert "train_image" in container["image"]
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     for task in GPU_TASKS:
@@ -106,7 +109,7 @@ def test_yaml_loads_back_through_kfp_with_the_whole_dag():
     launcher = executors["exec-grpo"]["container"]
     assert "accelerator" not in launcher.get("resources", {})  # the GPUs are the Job's
     assert tasks["grpo"]["inputs"]["parameters"]["launcher"]["runtimeValue"]["constant"] == "job"
-    for name in ("preset", "datagen_pods", "sft_gpus", "store", "model_name", "model_version", "image", "train_image",
+    for name in ("preset", "datagen_pods", "sft_gpus", "sft_nodes", "store", "model_name", "model_version", "image", "train_image",
                  "sft_overrides", "grpo_overrides", "sglang_image", "namespace", "s3_endpoint"):
         assert name in spec["root"]["inputDefinitions"]["parameters"]
 
@@ -205,7 +208,7 @@ def test_the_grpo_component_launches_a_job_with_its_own_endpoint(endpoint, tmp_p
     assert call["settings"].url == expected
     assert (call["settings"].access_key, call["settings"].secret_key) == ("step-access",
                                                                          "step-secret")
-    assert call["fields"] == {"name": grpo_job.job_name("run-7"), "namespace": "ml-team",
+    assert call["fields"] == {"name": job_name("run-7"), "namespace": "ml-team",
                               "trainer_image": "example/apr-train:2",
                               "sglang_image": "example/sglang:2", "s3_endpoint": expected}
     assert call["args"] == ["--config", "local", "--set", "steps=4", "--set", "group_size=2"]
@@ -214,6 +217,51 @@ def test_the_grpo_component_launches_a_job_with_its_own_endpoint(endpoint, tmp_p
     assert (call["store"], call["timeout_s"]) == ("s3://apr-store/pipeline", 900.0)
     assert model.metadata == {"stage": "grpo", "preset": "local", "steps": 4}
     assert metrics.logged == {"steps": 4, "val_accuracy": 0.5}  # a None accuracy is not logged
+
+
+def test_the_sft_component_beyond_one_node_runs_a_trainjob(tmp_path, monkeypatch):
+    """`nodes` > 1: the step stages the data and follows a TrainJob of nodes x gpus, named
+    for the run and the traces (a retry finds its checkpoints), and its result is the step's."""
+    from apr.cluster import trainjob
+
+    pipeline.definition()
+    from components.sft import sft, sft_step_gpus
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "step-access")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "step-secret")
+    calls = []
+
+    def run_sft_trainjob(fields, data_dir, store, out_dir, settings=None, timeout_s=0, log=None):
+        calls.append((fields, data_dir, store, settings))
+        (Path(out_dir) / "model").mkdir(parents=True)
+        (Path(out_dir) / "model" / "model.safetensors").write_bytes(b"weights")
+        (Path(out_dir) / "sft.json").write_text(json.dumps({
+            "steps": 9, "train_loss": 0.5, "val_loss": 0.6, "train_sequences": 100,
+            "dropped_sequences": 0}))
+        return Path(out_dir)
+
+    monkeypatch.setattr(trainjob, "run_sft_trainjob", run_sft_trainjob)
+    model = SimpleNamespace(path=str(tmp_path / "step" / "model"), metadata={})
+    metrics = FakeMetrics(tmp_path / "metrics")
+    sft.python_func(preset="paper", traces="apr", overrides=["max_steps=9"],
+                    store="s3://apr-models/pipeline", s3_endpoint="http://minio.kubeflow:9000",
+                    data=SimpleNamespace(path=str(tmp_path / "data"), uri="s3://a/data"),
+                    model=model, metrics=metrics, gpus=8, nodes=4, run_id="run-7",
+                    namespace="ml-team", image="example/apr-train:2")
+    [(fields, data_dir, store, settings)] = calls
+    assert fields == {"name": job_name("run-7/apr", "apr-sft"), "namespace": "ml-team",
+                      "image": "example/apr-train:2", "preset": "paper",
+                      "overrides": ("traces=apr", "max_steps=9"), "nodes": 4, "gpus_per_node": 8,
+                      "s3_endpoint": "http://minio.kubeflow:9000"}
+    assert (data_dir, store, settings.access_key) == (str(tmp_path / "data"),
+                                                      "s3://apr-models/pipeline", "step-access")
+    assert (Path(model.path) / "model.safetensors").read_bytes() == b"weights"
+    assert metrics.logged["steps"] == 9 and model.metadata["steps"] == 9
+    # the step itself asks for no GPU then: the TrainJob's pods hold them
+    assert sft_step_gpus.python_func(nodes=4, gpus=8) == 0
+    assert sft_step_gpus.python_func(nodes=1, gpus=8) == 8
+    with pytest.raises(InputError, match="sft_nodes=0"):
+        sft_step_gpus.python_func(nodes=0, gpus=8)
 
 
 @pytest.mark.slow
@@ -264,7 +312,10 @@ def test_a_failed_task_stops_the_run_and_shows_its_last_lines(tmp_path, capsys, 
         pipeline.run_local(tmp_path, overrides={"datagen": ["problems.n_numbers=1"]})
     assert "\n" not in str(failed.value)  # one line for the terminal
     terminal = capsys.readouterr().out.splitlines()
-    assert terminal[-1].split()[:3] == ["datagen", "part", "failure"]  # nothing after it ran
+    assert ["datagen", "part", "failure"] in [line.split()[:3] for line in terminal]
+    # nothing that needs the data ran (the SFT GPU count, which does not, may have)
+    ran = [line.split()[:2] for line in terminal[1:]]
+    assert all(words[0] == "datagen" or words == ["SFT", "GPUs"] for words in ran), ran
     [record] = [r for r in caplog.records if "last lines" in r.getMessage()]
     assert "n_numbers" in record.getMessage()  # the task's own error, without the rest
     assert "n_numbers" in (tmp_path / "pipeline.log").read_text()
@@ -297,6 +348,6 @@ def test_local_run_end_to_end(tmp_path, capsys):
     terminal = capsys.readouterr().out.splitlines()
     assert all(" success " in line for line in terminal[1:])
     assert sorted(line[2:22].strip() for line in terminal[1:]) == sorted([
-        "datagen plan", "datagen part", "datagen part", "datagen", "SFT APR", "SFT SoS+", "GRPO APR", "evaluate APR", "evaluate SoS+",
+        "datagen plan", "datagen part", "datagen part", "datagen", "SFT GPUs", "SFT APR", "SFT SoS+", "GRPO APR", "evaluate APR", "evaluate SoS+",
         "APR vs SoS+ report", "publish model"])
     assert "Streamed logs" in (tmp_path / "pipeline.log").read_text()

@@ -13,7 +13,6 @@ step (`apr.cluster.jobs`), under a ServiceAccount that `apr.cluster.rbac` grants
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -126,12 +125,6 @@ def grpo_job(spec: GRPOJobSpec) -> dict:
             },
         },
     }
-
-
-def job_name(run_id: str, prefix: str = "apr-grpo") -> str:
-    """A valid Job name that is the same for every retry of one pipeline run (so a retried
-    step replaces its Job and the trainer resumes from that run's checkpoint)."""
-    return f"{prefix}-{hashlib.sha256(run_id.encode()).hexdigest()[:12]}"
 
 
 def run_grpo_job(spec_fields: dict, model_dir: str, data_dir: str, store: str,

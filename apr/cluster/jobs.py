@@ -1,14 +1,17 @@
-"""Run a Kubernetes Job from a pipeline step and see it through.
+"""Run a Kubernetes Job, or a Kubeflow Trainer TrainJob, from a pipeline step and see it through.
 
-`launch_job` creates the Job (inside the cluster, under a ServiceAccount that
-`apr.cluster.rbac` grants Jobs to), streams the trainer's log into the step's log, turns a
-failed, stuck or overdue Job into an exception that says why, and deletes the Job when it
-returns or raises.
+`launch_job` creates it (inside the cluster, under a ServiceAccount that `apr.cluster.rbac`
+grants them to), streams the trainer's log into the step's log, turns a failed, stuck or
+overdue run into an exception that says why, and deletes it when it returns or raises. The
+two kinds differ only in how they are created, read and deleted, and where their trainer
+runs (`_Kind`): a Job's own pod, container `trainer`; a TrainJob's node 0 (its JobSet's pod
+of completion index 0), container `node`.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -21,7 +24,7 @@ from typing import Any
 
 from apr.shutdown import sigterm_as_exit
 
-TRAINER = "trainer"  # the container whose log becomes the step's log
+TRAINER = "trainer"  # a Job's container whose log becomes the step's log
 TAIL_LINES = 50  # log lines quoted when a Job fails
 # Waiting reasons that do not clear by themselves: fail now rather than at the timeout.
 # (ErrImagePull is not one: kubelet retries a pull, and a registry's rate limit passes.)
@@ -61,6 +64,12 @@ def load_kube_config() -> None:
         raise LaunchError(
             f"no Kubernetes credentials: not inside a cluster ({in_cluster}) and no usable "
             f"kubeconfig ({e}); run in a pod with a ServiceAccount, or set KUBECONFIG") from e
+
+
+def job_name(run_id: str, prefix: str = "apr-grpo") -> str:
+    """A valid Job name that is the same for every retry of one pipeline run (so a retried
+    step replaces its Job and the trainer resumes from that run's checkpoint)."""
+    return f"{prefix}-{hashlib.sha256(run_id.encode()).hexdigest()[:12]}"
 
 
 def step_pod_owner(namespace: str) -> dict | None:
@@ -103,10 +112,12 @@ def launch_job(manifest: dict, *, timeout_s: float = 0, poll_s: float = 5.0,
         settings = client.Configuration.get_default_copy()
         settings.retries = False  # urllib3 would retry a timed-out read 3 times, unseen
         api_client = client.ApiClient(settings)
-    batch, core = client.BatchV1Api(api_client), client.CoreV1Api(api_client)
+    kind = _Kind.of(manifest, api_client)
+    core = client.CoreV1Api(api_client)
     name = manifest["metadata"]["name"]
     namespace = manifest["metadata"].get("namespace", "default")
-    deadline = _Deadline(f"Job {namespace}/{name}", timeout_s)
+    what = f"{kind.name} {namespace}/{name}"
+    deadline = _Deadline(what, timeout_s)
     if timeout_s > 0:
         manifest = {**manifest, "spec": {**manifest["spec"],
                                          "activeDeadlineSeconds": math.ceil(timeout_s)}}
@@ -119,15 +130,15 @@ def launch_job(manifest: dict, *, timeout_s: float = 0, poll_s: float = 5.0,
     # the step. The Job's deletion (the finally below) runs before that.
     with sigterm_as_exit(), (api_client if owns_client else nullcontext()):
         try:  # the finally deletes even after a failed create: an interrupted one may have made it
-            job = _create(batch, manifest, deadline, poll_s, log)
-            log(f"launcher: created Job {namespace}/{name}")
-            _Watch(batch, core, job, log, deadline, poll_s, pending_grace_s).run()
+            uid = _create(kind, manifest, deadline, poll_s, log)
+            log(f"launcher: created {what}")
+            _Watch(kind, core, name, namespace, uid, log, deadline, poll_s, pending_grace_s).run()
             seconds = round(time.monotonic() - deadline.start, 1)
-            log(f"launcher: Job {namespace}/{name} succeeded after {seconds:g} s")
+            log(f"launcher: {what} succeeded after {seconds:g} s")
             return {"name": name, "namespace": namespace, "seconds": seconds, "succeeded": True}
         finally:
             if not keep:
-                _delete(batch, name, namespace, log)
+                _delete(kind, name, namespace, log)
 
 
 @dataclass
@@ -158,39 +169,132 @@ def _api_error(what: str, error: Any) -> LaunchError:
     return LaunchError(f"{what}: HTTP {error.status} {error.reason}: {detail}{hint}")
 
 
-def _create(batch: Any, manifest: dict, deadline: _Deadline, poll_s: float, log: Callable) -> Any:
-    """Creates the Job; one of the same name (a retried step) is deleted first.
+@dataclass(frozen=True)
+class _State:
+    """What the watch needs of one read of the Job or TrainJob."""
 
-    The trainer resumes from its own checkpoint, so the new Job loses nothing of the old one.
+    deleting: bool
+    suspended: bool
+    outcome: tuple[bool, str] | None  # (succeeded, why) once finished
+
+
+class _Kind:
+    """A batch/v1 Job: created, read and deleted through BatchV1Api; its own pod runs the
+    trainer."""
+
+    name = "Job"
+    container = TRAINER
+
+    def __init__(self, api_client: Any):
+        from kubernetes import client
+
+        self.api = client.BatchV1Api(api_client)
+
+    @staticmethod
+    def of(manifest: dict, api_client: Any) -> "_Kind":
+        kinds = {"Job": _Kind, "TrainJob": _TrainJobKind}
+        if manifest.get("kind") not in kinds:
+            raise LaunchError(f"cannot launch a {manifest.get('kind')!r}: only {sorted(kinds)}")
+        return kinds[manifest["kind"]](api_client)
+
+    def create(self, namespace: str, manifest: dict) -> str:
+        """Creates it; returns its uid."""
+        created = self.api.create_namespaced_job(namespace, manifest,
+                                                 _request_timeout=REQUEST_TIMEOUT)
+        return created.metadata.uid
+
+    def read(self, name: str, namespace: str, **kwargs: Any) -> _State:
+        job = self.api.read_namespaced_job(name, namespace, **kwargs)
+        return _State(job.metadata.deletion_timestamp is not None,
+                      bool(job.spec and job.spec.suspend), _outcome(job))
+
+    def delete(self, name: str, namespace: str) -> None:
+        # Foreground: it stays listed until its pods have gone (see _delete).
+        self.api.delete_namespaced_job(name, namespace, propagation_policy="Foreground",
+                                       _request_timeout=REQUEST_TIMEOUT)
+
+    def pod_selector(self, name: str) -> str:
+        return f"job-name={name}"
+
+    def owns(self, pod: Any, uid: str) -> bool:
+        """An earlier Job of the same name may still have pods going."""
+        return any(o.uid == uid for o in pod.metadata.owner_references or [])
+
+
+class _TrainJobKind(_Kind):
+    """A Kubeflow Trainer TrainJob: a custom object; its JobSet's pods carry the JobSet's
+    labels (named after the TrainJob), and node 0 (completion index 0) logs the run."""
+
+    name = "TrainJob"
+    container = "node"  # the torch runtime's trainer container
+    group, version, plural = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
+
+    def __init__(self, api_client: Any):
+        from kubernetes import client
+
+        self.api = client.CustomObjectsApi(api_client)
+
+    def create(self, namespace: str, manifest: dict) -> str:
+        created = self.api.create_namespaced_custom_object(
+            self.group, self.version, namespace, self.plural, manifest,
+            _request_timeout=REQUEST_TIMEOUT)
+        return created["metadata"]["uid"]
+
+    def read(self, name: str, namespace: str, **kwargs: Any) -> _State:
+        job = self.api.get_namespaced_custom_object(self.group, self.version, namespace,
+                                                    self.plural, name, **kwargs)
+        outcome = None
+        for c in job.get("status", {}).get("conditions") or []:
+            if c.get("status") == "True" and c.get("type") in ("Complete", "Failed"):
+                why = ": ".join(x for x in (c.get("reason"), c.get("message")) if x)
+                outcome = c["type"] == "Complete", why
+        return _State("deletionTimestamp" in job["metadata"],
+                      bool(job.get("spec", {}).get("suspend")), outcome)
+
+    def delete(self, name: str, namespace: str) -> None:
+        self.api.delete_namespaced_custom_object(
+            self.group, self.version, namespace, self.plural, name,
+            propagation_policy="Foreground", _request_timeout=REQUEST_TIMEOUT)
+
+    def pod_selector(self, name: str) -> str:
+        return f"jobset.sigs.k8s.io/jobset-name={name},batch.kubernetes.io/job-completion-index=0"
+
+    def owns(self, pod: Any, uid: str) -> bool:
+        return True  # owned by the JobSet's Jobs; an earlier TrainJob's are gone (Foreground)
+
+
+def _create(kind: _Kind, manifest: dict, deadline: _Deadline, poll_s: float, log: Callable) -> str:
+    """Creates it; one of the same name (a retried step) is deleted first. Returns its uid.
+
+    The trainer resumes from its own checkpoint, so the new one loses nothing of the old one.
     """
     from kubernetes.client.exceptions import ApiException
 
     name, namespace = manifest["metadata"]["name"], manifest["metadata"].get("namespace", "default")
+    what = f"{kind.name} {namespace}/{name}"
     try:
         try:
-            return batch.create_namespaced_job(namespace, manifest,
-                                               _request_timeout=REQUEST_TIMEOUT)
+            return kind.create(namespace, manifest)
         except ApiException as e:
             if e.status != 409:
                 raise
-        log(f"launcher: Job {namespace}/{name} already exists (a retried step?): replacing it")
-        batch.delete_namespaced_job(name, namespace, propagation_policy="Foreground",
-                                    _request_timeout=REQUEST_TIMEOUT)  # see _delete
-        gone = _Deadline(f"deleting the earlier Job {namespace}/{name}", GONE_WAIT_S)
-        while _exists(batch, name, namespace):
+        log(f"launcher: {what} already exists (a retried step?): replacing it")
+        kind.delete(name, namespace)
+        gone = _Deadline(f"deleting the earlier {what}", GONE_WAIT_S)
+        while _exists(kind, name, namespace):
             deadline.check()
             gone.check()
             time.sleep(poll_s)
-        return batch.create_namespaced_job(namespace, manifest, _request_timeout=REQUEST_TIMEOUT)
+        return kind.create(namespace, manifest)
     except ApiException as e:
-        raise _api_error(f"cannot create Job {namespace}/{name}", e) from e
+        raise _api_error(f"cannot create {what}", e) from e
 
 
-def _exists(batch: Any, name: str, namespace: str) -> bool:
+def _exists(kind: _Kind, name: str, namespace: str) -> bool:
     from kubernetes.client.exceptions import ApiException
 
     try:
-        batch.read_namespaced_job(name, namespace, _request_timeout=REQUEST_TIMEOUT)
+        kind.read(name, namespace, _request_timeout=REQUEST_TIMEOUT)
         return True
     except ApiException as e:
         if e.status == 404:
@@ -198,25 +302,25 @@ def _exists(batch: Any, name: str, namespace: str) -> bool:
         raise
 
 
-def _delete(batch: Any, name: str, namespace: str, log: Callable) -> None:
-    """Deletes the Job and its pod; a failure is logged, not raised, so it cannot hide why the
+def _delete(kind: _Kind, name: str, namespace: str, log: Callable) -> None:
+    """Deletes it and its pods; a failure is logged, not raised, so it cannot hide why the
     run ended (a finished Job still goes after ttlSecondsAfterFinished).
 
-    Foreground: the Job stays listed until its pod has gone, so a retried step (same name)
+    Foreground: it stays listed until its pods have gone, so a retried step (same name)
     waits for it and never shares GPUs or checkpoint slots with a trainer still stopping.
     """
     from kubernetes.client.exceptions import ApiException
     from urllib3.exceptions import HTTPError
 
+    what = f"{kind.name} {namespace}/{name}"
     try:
-        batch.delete_namespaced_job(name, namespace, propagation_policy="Foreground",
-                                    _request_timeout=REQUEST_TIMEOUT)
-        log(f"launcher: deleted Job {namespace}/{name}")
+        kind.delete(name, namespace)
+        log(f"launcher: deleted {what}")
     except ApiException as e:
         if e.status != 404:
-            log(f"launcher: could not delete Job {namespace}/{name}: HTTP {e.status} {e.reason}")
+            log(f"launcher: could not delete {what}: HTTP {e.status} {e.reason}")
     except HTTPError as e:
-        log(f"launcher: could not delete Job {namespace}/{name}: {e}")
+        log(f"launcher: could not delete {what}: {e}")
 
 
 def _statuses(pod: Any) -> list:
@@ -256,20 +360,22 @@ def _outcome(job: Any) -> tuple[bool, str] | None:
             return c.type == "Complete", ": ".join(x for x in (c.reason, c.message) if x)
     if status.succeeded:
         return True, ""
-    backoff_limit = 6 if job.spec.backoff_limit is None else job.spec.backoff_limit
+    limit = job.spec.backoff_limit if job.spec else None
+    backoff_limit = 6 if limit is None else limit
     if (status.failed or 0) > backoff_limit:
         return False, f"{status.failed} failed pod(s)"
     return None
 
 
 class _Watch:
-    """Follows one Job to its end: its pod, the trainer's log, the Job's conditions."""
+    """Follows one Job or TrainJob to its end: its pod, the trainer's log, its conditions."""
 
-    def __init__(self, batch: Any, core: Any, job: Any, log: Callable, deadline: _Deadline,
-                 poll_s: float, pending_grace_s: float):
-        self.batch, self.core, self.log = batch, core, log
-        self.name, self.namespace, self.uid = job.metadata.name, job.metadata.namespace, job.metadata.uid
-        self.what = f"Job {self.namespace}/{self.name}"
+    def __init__(self, kind: _Kind, core: Any, name: str, namespace: str, uid: str,
+                 log: Callable, deadline: _Deadline, poll_s: float, pending_grace_s: float):
+        self.kind, self.core, self.log = kind, core, log
+        self.name, self.namespace, self.uid = name, namespace, uid
+        self.trainer = kind.container
+        self.what = f"{kind.name} {self.namespace}/{self.name}"
         self.deadline, self.poll_s, self.pending_grace_s = deadline, poll_s, pending_grace_s
         self.pod_name: str | None = None
         self.shown = 0  # trainer log lines already passed to `log`
@@ -282,21 +388,20 @@ class _Watch:
         while True:
             # The Job before the pod: a finished Job's pod then shows the trainer's final state,
             # and its log is drained before this returns.
-            job = self._api(self.batch.read_namespaced_job, self.name, self.namespace)
-            if job.metadata.deletion_timestamp is not None:
+            state = self._api(self.kind.read, self.name, self.namespace)
+            if state.deleting:
                 raise LaunchError(f"{self.what} is being deleted ({BY_SOMEONE_ELSE})")
             pod = self._pod()
-            if pod is not None and not self.logs_done and _started(pod, TRAINER):
+            if pod is not None and not self.logs_done and _started(pod, self.trainer):
                 pod = self._follow(pod)
-            outcome = _outcome(job)
-            if outcome is not None:
-                succeeded, why = outcome
+            if state.outcome is not None:
+                succeeded, why = state.outcome
                 if succeeded:
                     return
                 raise JobFailed(self._report(f"{self.what} failed: {why or 'no reason given'}", pod))
             if pod is not None:
                 self._check_stuck(pod)
-            elif job.spec.suspend:
+            elif state.suspended:
                 self.podless_since = None  # held by a queue (Kueue): no pod is expected yet
             else:
                 self._check_podless()
@@ -304,11 +409,10 @@ class _Watch:
             time.sleep(self.poll_s)
 
     def _pod(self) -> Any:
-        """This Job's newest pod (an earlier Job of the same name may still have pods going)."""
+        """The newest pod that runs the trainer."""
         pods = self._api(self.core.list_namespaced_pod, self.namespace,
-                         label_selector=f"job-name={self.name}")
-        ours = [p for p in pods.items
-                if any(o.uid == self.uid for o in p.metadata.owner_references or [])]
+                         label_selector=self.kind.pod_selector(self.name))
+        ours = [p for p in pods.items if self.kind.owns(p, self.uid)]
         if not ours:
             return None
         self.podless_since = None
@@ -336,7 +440,7 @@ class _Watch:
         seen = 0
         try:
             stream = self.core.read_namespaced_pod_log(
-                pod.metadata.name, self.namespace, container=TRAINER, follow=True,
+                pod.metadata.name, self.namespace, container=self.trainer, follow=True,
                 _preload_content=False, _request_timeout=(REQUEST_TIMEOUT[0], read_s))
             try:
                 for raw in stream:
@@ -356,7 +460,7 @@ class _Watch:
         except (ApiException, HTTPError):
             pass  # a refused or broken stream: polled and followed again like an early end
         fresh = self._pod()
-        self.logs_done = fresh is None or _terminated(fresh, TRAINER)
+        self.logs_done = fresh is None or _terminated(fresh, self.trainer)
         if not self.logs_done and not silent:
             self.log("launcher: the trainer's log stream ended early; following it again")
         return fresh
@@ -400,7 +504,8 @@ class _Watch:
         events = self._events()
         raise JobFailed(f"{self.what} has made no pod in {waited:.0f} s"
                         + (": " + "; ".join(events) if events else
-                           f" (kubectl describe job -n {self.namespace} {self.name} says why)"))
+                           f" (kubectl describe {self.kind.name.lower()} -n {self.namespace} "
+                           f"{self.name} says why)"))
 
     def _events(self) -> list[str]:
         """The Job's warning events (FailedCreate says which quota or policy refused its pod)."""
@@ -445,9 +550,9 @@ class _Watch:
                 parts.append(f"container {status.name} exited with code {ended.exit_code} "
                              f"({ended.reason or 'no reason given'})"
                              f"{': ' + ended.message if ended.message else ''}")
-            if status.name == TRAINER and self.tail:
+            if status.name == self.trainer and self.tail:
                 lines = list(self.tail)
-            elif status.name == TRAINER or ended is not None:
+            elif status.name == self.trainer or ended is not None:
                 lines = self._read_tail(pod, status.name, previous)
             else:
                 continue

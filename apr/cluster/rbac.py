@@ -1,4 +1,5 @@
-"""The Role and RoleBinding that let the pipeline's ServiceAccount run Jobs (`apr pipeline rbac`)."""
+"""The Role and RoleBinding that let the pipeline's ServiceAccount run Jobs and Trainer
+TrainJobs (`apr pipeline rbac`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ def rbac_manifests(namespace: str, service_account: str = "pipeline-runner") -> 
         "metadata": metadata,
         "rules": [
             {"apiGroups": ["batch"], "resources": ["jobs"],
+             "verbs": ["create", "get", "list", "watch", "delete"]},
+            {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"],  # SFT, nodes > 1
              "verbs": ["create", "get", "list", "watch", "delete"]},
             {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
             {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
