@@ -100,6 +100,7 @@ def merged(base: dict, override: dict) -> dict:
     return out
 
 
+RENDERS["run_here"] = merged(ALL_ON, {"server": {"maxTokens": 256}})  # short answers on a CPU
 RENDERS = {name: merged(REQUIRED, values) for name, values in RENDERS.items()} | {"zero_flags": {}}
 LINTS = {name: merged(REQUIRED, values) for name, values in LINTS.items()}
 
@@ -678,6 +679,69 @@ def test_sglang_runs_from_its_rendered_container_on_a_read_only_root(rendered, t
         log.close()
 
 
+@pytest.mark.slow
+@pytest.mark.sglang
+def test_the_pod_comes_up_for_real_and_helm_test_passes(rendered, s3, tmp_path):
+    """The serving pod as rendered (every option on, auth included), run by the pod runner:
+    the init container pulls the published model from the S3 server, SGLang (its image: the
+    SGLang environment, CPU flags appended) and the APR server start, every probe passes;
+    then the `helm test` pod's own script succeeds against the Service's address."""
+    import socket
+
+    from conftest import S3_KEYS, sglang_python_or_skip
+    from pod_runner import Image, PodRunner
+
+    from apr import model as model_lib
+    from apr import storage
+    from apr.decode.rollout_server import sglang_cpu_args
+
+    python = sglang_python_or_skip()
+    for port in (30000, 8000):
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                pytest.skip(f"port {port} is taken here")
+    objs = rendered("run_here")
+    storage.upload(model_lib.save(model_lib.build("tiny", seed=0), tmp_path / "model"),
+                   REQUIRED["model"]["uri"], s3)
+    here = Path(sys.executable).parent
+
+    def images(reference: str) -> Image:
+        repository = reference.rsplit(":", 1)[0]
+        if repository.endswith("lmsysorg/sglang"):
+            return Image({"python3": python}, tuple(sglang_cpu_args()))
+        if repository.endswith(("apr-on-kubernetes/apr", "apr-on-kubernetes/apr-serve")):
+            return Image({"apr": str(here / "apr"), "python3": sys.executable})
+        if repository.endswith("curlimages/curl"):
+            return Image({"/bin/sh": "/bin/sh"})  # and curl from PATH
+        raise AssertionError(f"no stand-in for image {reference}")
+
+    token = "a-test-token"
+    secrets = {("mlpipeline-minio-artifact", "accesskey"): S3_KEYS["AWS_ACCESS_KEY_ID"],
+               ("mlpipeline-minio-artifact", "secretkey"): S3_KEYS["AWS_SECRET_ACCESS_KEY"],
+               ("apr-api-token", "token"): token}
+    hosts = {"http://seaweedfs.kubeflow:9000": s3.url,
+             f"{FULLNAME}.{NAMESPACE}.svc": "127.0.0.1"}
+    with PodRunner(pod_spec(objs), images, tmp_path / "pod", secrets, hosts=hosts) as pod:
+        pod.start()
+        assert (tmp_path / "pod" / "volumes" / "models" / "current" / "model.safetensors").is_file()
+        hook = one(objs, "Pod")["spec"]
+        with PodRunner(hook, images, tmp_path / "hook", secrets, hosts=hosts) as test_pod:
+            output = test_pod.run_to_completion(hook["containers"][0], timeout_s=240)
+        health, solve = output.splitlines()[-2:]  # the script prints each answer on a line
+        assert json.loads(health) == {"status": "ok"}
+        solved = json.loads(solve)
+        assert {"threads", "tokens", "latency_s"} <= solved.keys()
+        import httpx
+
+        unauthorised = httpx.post("http://127.0.0.1:8000/v1/solve", timeout=30,
+                                  json={"nums": [1, 2, 3], "target": 6})
+        assert unauthorised.status_code == 401  # the token from the Secret is in force
+        assert 'apr_requests_total{mode="apr",outcome="incorrect"} 1.0' in httpx.get(
+            "http://127.0.0.1:8000/metrics", timeout=30).text  # the hook's solve (untrained)
+        assert 'model_name="apr-countdown-v1"' in httpx.get(  # SGLang's, through the APR port
+            "http://127.0.0.1:8000/engine/metrics", timeout=30).text
+
+
 def test_service_selects_the_serving_pod_and_not_the_test_pod(rendered):
     objs = rendered("defaults")
     service = one(objs, "Service")
@@ -800,7 +864,7 @@ def test_alerts_fire_on_synthetic_series(rendered, promtool, tmp_path):
 
     slow = [bucket("1", 0), bucket("60", 0), bucket("120", 10), bucket("+Inf", 10)]
     fast = [bucket("1", 10), bucket("60", 10), bucket("120", 10), bucket("+Inf", 10)]
-    requests = {"series": f'apr_requests_total{{{sel},mode="apr",outcome="solved"}}', "values": "0+100x20"}
+    requests = {"series": f'apr_requests_total{{{sel},mode="apr",outcome="correct"}}', "values": "0+100x20"}
     tests = [
         {"interval": "1m", "input_series": slow, "alert_rule_test": [
             {"eval_time": "5m", "alertname": "AprHighRequestLatency", "exp_alerts": []},
