@@ -151,6 +151,11 @@ def test_cpu_run_with_a_tiny_model_writes_every_output(dataset, tmp_path):
 def test_bad_evaluation_configs_name_the_key():
     with pytest.raises(ConfigError, match="evaluate.engine_url"):
         load(EvalConfig, None, "evaluate", ["engine=sglang"])
+    with pytest.raises(ConfigError, match="evaluate.server: a server is started only for engine"):
+        load(EvalConfig, None, "evaluate", ["server=sglang"])
+    with pytest.raises(ConfigError, match="evaluate.server: 'vllm': choose one of"):
+        load(EvalConfig, None, "evaluate", ["engine=sglang", "server=vllm"])
+    assert load(EvalConfig, "paper", "evaluate", []).server == "sglang"  # no URL to set
     with pytest.raises(ConfigError, match="evaluate.engine"):
         load(EvalConfig, None, "evaluate", ["engine=vllm"])
     with pytest.raises(ConfigError, match="evaluate.sos_samples"):

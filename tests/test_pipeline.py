@@ -351,3 +351,38 @@ def test_local_run_end_to_end(tmp_path, capsys):
         "datagen plan", "datagen part", "datagen part", "datagen", "SFT GPUs", "SFT APR", "SFT SoS+", "GRPO APR", "evaluate APR", "evaluate SoS+",
         "APR vs SoS+ report", "publish model"])
     assert "Streamed logs" in (tmp_path / "pipeline.log").read_text()
+
+
+# Every section of a preset, shrunk only in size: the shapes, batches, samples, dtypes,
+# compilation, compression and engines are the preset's own.
+SMALL = {
+    "datagen": ["problems.train_size=40", "problems.val_size=6", "problems.test_size=0",
+                "chunk_size=10", "shard_size=40", "workers=1"],
+    "sft": ["shape=tiny", "context=1024", "tokens_per_batch=2048", "max_steps=2",
+            "eval_every=2", "checkpoint_every=2", "eval_sequences=8"],
+    "grpo": ["steps=1", "group_size=2", "prompts_per_step=2", "context=96",
+             "tokens_per_batch=2048", "val_problems=2"],
+    "evaluate": ["max_problems=3", "context=64", "context_limits=[32,64]",
+                 "total_token_limits=[64,128]"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["gpu-small", "paper"])
+def test_every_preset_runs_the_whole_pipeline(preset, tmp_path, monkeypatch):
+    """gpu-small and paper through the whole DAG on the CPU (local runs in the test above):
+    bf16 and torch.compile in SFT, gzip traces, paper's evaluation starting SGLang itself."""
+    from apr.config import load
+    from apr.decode.rollout_server import SGLANG_PYTHON_ENV
+    from apr.stages.evaluate import EvalConfig
+
+    if load(EvalConfig, preset, "evaluate", []).server == "sglang":
+        from conftest import sglang_python_or_skip
+
+        monkeypatch.setenv(SGLANG_PYTHON_ENV, sglang_python_or_skip())
+    summary = pipeline.run_local(tmp_path, preset=preset, overrides=SMALL)
+    metrics = json.loads(Path(summary["metrics"]).read_text())
+    samples = load(EvalConfig, preset, "evaluate", []).sos_samples
+    assert set(metrics["settings"]) == {"apr", *(f"sos-n{n}" if n > 1 else "sos"
+                                                 for n in samples)}
+    assert storage.is_complete(tmp_path / "store" / "models" / "apr-countdown" / "v1")

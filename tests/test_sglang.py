@@ -283,18 +283,20 @@ def test_grpo_rolls_out_on_sglang_and_syncs_its_weights_every_step(data, trained
         assert isinstance(record["logprob_gap"], float) and record["logprob_gap"] < 1e-3, record
 
 
-def test_an_evaluation_through_sglang_answers_as_the_local_engine(data, trained_dir, tmp_path):
+def test_an_evaluation_through_sglang_answers_as_the_local_engine(data, trained_dir, tmp_path,
+                                                                  monkeypatch):
+    """`server: sglang` (the paper preset's): the evaluation starts SGLang on the model
+    itself, decodes through it and stops it."""
+    from apr.decode.rollout_server import SGLANG_PYTHON_ENV
     from apr.stages import evaluate
 
+    monkeypatch.setenv(SGLANG_PYTHON_ENV, sglang_python_or_skip())
     base = {"split": "train", "max_problems": 4, "context": 192, "context_limits": [96, 192],
             "total_token_limits": [192, 384], "sos_samples": [1]}
-    server = start_server("sglang", trained_dir, tmp_path)
-    try:
-        served = evaluate.run(from_dict(evaluate.EvalConfig, {
-            **base, "engine": "sglang", "engine_url": server.url}, "evaluate"),
-            None, data, tmp_path / "sglang", progress=False)
-    finally:
-        server.stop()
+    served = evaluate.run(from_dict(evaluate.EvalConfig, {
+        **base, "engine": "sglang", "server": "sglang", "server_startup_s": 300}, "evaluate"),
+        trained_dir, data, tmp_path / "sglang", progress=False)
+    assert "SFT" in served["model_label"]  # the model it started SGLang on, by its training
     local = evaluate.run(from_dict(evaluate.EvalConfig, {**base, "engine": "local"}, "evaluate"),
                          trained_dir, data, tmp_path / "local", progress=False)
 

@@ -3,7 +3,9 @@
     apr evaluate --config local --model runs/x/sft-apr/model --problems runs/x/data \
         --out runs/x/eval-apr
 
-Every answer is checked by the verifier, never by the model's claim. Writes `results.jsonl`
+Every answer is checked by the verifier, never by the model's claim. With `engine: sglang` and
+`server: sglang`, SGLang is started on the model beside the evaluation (the cluster's
+evaluation step, whose image holds it) and stopped after it. Writes `results.jsonl`
 (one row per problem and setting), `metrics.json`, the paper's three curves as PNG
 (accuracy against context-window limit, total tokens and latency) and `report.md`.
 """
@@ -11,13 +13,15 @@ Every answer is checked by the verifier, never by the model's claim. Writes `res
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from apr import atomic
 from apr.config import InputError, check, check_choice, check_range, dump, option
@@ -27,13 +31,19 @@ from apr.decode.runtime import Budgets, Solve, Vote, sample
 from apr.summary import describe
 
 SECTION = "evaluate"
+log = logging.getLogger(__name__)
 ENGINES = ("local", "sglang", "oracle")  # sglang: SGLang or `apr engine serve` at engine_url
+SERVER_KINDS = ("sglang", "engine-serve", "auto")  # apr.decode.rollout_server.KINDS
 
 
 @dataclass
 class EvalConfig:
     engine: str = option("local", "local (in process), sglang (HTTP at engine_url), oracle")
     engine_url: str = option("", "the server's URL for engine sglang, e.g. http://127.0.0.1:30000")
+    server: str = option("", "engine sglang: start this server on the model beside the "
+                             "evaluation and decode through it (sglang, engine-serve, or auto: "
+                             "SGLang with a GPU and SGLang installed); empty: use engine_url")
+    server_startup_s: float = option(600.0, "how long the started server may take to load")
     split: str = option("val", "the problems' split to evaluate on")
     max_problems: int = option(1000, "evaluate the first N problems of the split")
     context: int = option(4096, "the thread context window the model decodes in")
@@ -56,8 +66,14 @@ class EvalConfig:
 
     def validate(self) -> None:
         check_choice("engine", self.engine, ENGINES)
-        check(self.engine != "sglang" or bool(self.engine_url), "engine_url",
-              f"engine {self.engine!r} needs the server's URL, e.g. http://127.0.0.1:30000")
+        check(self.engine != "sglang" or bool(self.engine_url or self.server), "engine_url",
+              f"engine {self.engine!r} needs the server's URL, e.g. http://127.0.0.1:30000, "
+              "or server: sglang to start one here")
+        check(not self.server or self.engine == "sglang", "server",
+              f"a server is started only for engine sglang, not {self.engine!r}")
+        check(not self.server or self.server in SERVER_KINDS, "server",
+              f"{self.server!r}: choose one of {', '.join(SERVER_KINDS)}")
+        check_range("server_startup_s", self.server_startup_s, 1.0)
         check_range("max_problems", self.max_problems, 1)
         check_range("context", self.context, 16)
         check_range("total_tokens", self.total_tokens, 0)
@@ -154,7 +170,8 @@ def row(problem: dict, setting: Setting, vote: Vote) -> dict:
 
 
 # --- the stage --------------------------------------------------------------------------
-def make_engine(config: EvalConfig, model: str | Path | None, problems: str | Path):
+def make_engine(config: EvalConfig, model: str | Path | None, problems: str | Path,
+                engine_url: str = ""):
     if config.engine == "oracle":
         from apr.dataset import read_records
         from apr.decode.oracle import OracleEngine
@@ -164,7 +181,7 @@ def make_engine(config: EvalConfig, model: str | Path | None, problems: str | Pa
     if config.engine == "sglang":
         from apr.decode.sglang import SGLangEngine
 
-        return SGLangEngine(config.engine_url)
+        return SGLangEngine(engine_url or config.engine_url)
     if model is None:
         raise InputError(f"engine {config.engine} needs --model (a model directory)")
     from apr.decode.local import LocalEngine
@@ -225,11 +242,31 @@ def _model_label(config: EvalConfig, model: str | Path | None) -> str:
     """The model in words for the report (its training stage and step), or the engine."""
     if config.engine == "oracle":
         return "the solver's own traces (oracle)"
-    if model is None:
+    if model is None or (config.engine == "sglang" and not config.server):
         return f"the model served at {config.engine_url}"
     from apr import model as model_lib
 
     return model_lib.describe(model)
+
+
+@contextlib.contextmanager
+def _server(config: EvalConfig, model: str | Path | None) -> Iterator[str]:
+    """The URL of the server `config.server` names, started on `model` for the evaluation
+    and stopped after it (its log in a temporary directory, quoted if it fails); "" without."""
+    if not config.server:
+        yield ""
+        return
+    if model is None:
+        raise InputError(f"server {config.server} needs --model (the model it serves)")
+    import tempfile
+
+    from apr.decode.rollout_server import RolloutServer
+
+    with tempfile.TemporaryDirectory(prefix="apr-eval-server-") as logs, \
+            RolloutServer(model, Path(logs) / "server.log", config.server,
+                          startup_timeout_s=config.server_startup_s) as server:
+        log.info("%s server on %s at %s", server.kind, model, server.url)
+        yield server.url
 
 
 def run(config: EvalConfig, model: str | Path | None, problems: str | Path, out: str | Path,
@@ -237,17 +274,18 @@ def run(config: EvalConfig, model: str | Path | None, problems: str | Path, out:
     out = Path(out)
     atomic.check_replaceable(out, "metrics.json")  # before the work, not after it
     rows_in = load_problems(problems, config.split, config.max_problems)
-    engine = make_engine(config, model, problems)
-    started = time.perf_counter()
+    with _server(config, model) as url:
+        engine = make_engine(config, model, problems, url)
+        started = time.perf_counter()
 
-    async def main() -> tuple[list[dict], dict[str, dict]]:
-        try:
-            return await evaluate(engine, rows_in, config, progress)
-        finally:
-            await engine.close()
+        async def main() -> tuple[list[dict], dict[str, dict]]:
+            try:
+                return await evaluate(engine, rows_in, config, progress)
+            finally:
+                await engine.close()
 
-    rows, solved = asyncio.run(main())
-    seconds = time.perf_counter() - started
+        rows, solved = asyncio.run(main())
+        seconds = time.perf_counter() - started
     by_setting: dict[str, list[dict]] = {}
     for r in rows:
         by_setting.setdefault(r["setting"], []).append(r)
