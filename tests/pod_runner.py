@@ -53,6 +53,8 @@ class PodRunner:
     base_env: dict[str, str] = field(default_factory=lambda: {"PATH": os.environ["PATH"]})
     poll_s: float = 1.0  # probes are polled this often, within their rendered budget
     running: dict[str, subprocess.Popen] = field(default_factory=dict)
+    exited: dict[str, int] = field(default_factory=dict)  # run-to-completion containers
+    started: set[str] = field(default_factory=set)  # startup probe passed (or none)
 
     # --- the pod's lifecycle -------------------------------------------------------------
     def start(self) -> None:
@@ -71,6 +73,14 @@ class PodRunner:
         for c in [*self._sidecars(), *self.spec["containers"]]:
             self._wait_ready(c)
 
+    def run_pod(self) -> dict[str, int]:
+        """The pod's whole course (restartPolicy Never): up, the main containers to their end,
+        then the sidecars stopped, as a kubelet does. Returns the main containers' exit codes."""
+        self.start()
+        codes = {c["name"]: self.running[c["name"]].wait() for c in self.spec["containers"]}
+        self.stop()
+        return codes
+
     def run_to_completion(self, c: dict, timeout_s: float = 300) -> str:
         """Runs one container to its end; raises PodFailed on a non-zero exit. Returns its log."""
         proc = self._launch(c)
@@ -82,15 +92,26 @@ class PodRunner:
                             f"{self.log(c['name'])}") from None
         finally:
             self.running.pop(c["name"], None)
+            self.exited[c["name"]] = proc.returncode
         if proc.returncode != 0:
             raise PodFailed(f"container {c['name']} exited with code {proc.returncode}:\n"
                             f"{self.log(c['name'])}")
         return self.log(c["name"])
 
     def stop(self) -> None:
-        for proc in self.running.values():
+        for proc in list(self.running.values()):
             self._kill(proc)
-        self.running.clear()
+
+    def state(self, name: str) -> tuple[str, int | None]:
+        """("waiting" | "running" | "terminated", exit code) of a container, as a kubelet
+        reports it."""
+        if name in self.exited:
+            return "terminated", self.exited[name]
+        proc = self.running.get(name)
+        if proc is None:
+            return "waiting", None
+        code = proc.poll()
+        return ("running", None) if code is None else ("terminated", code)
 
     def __enter__(self) -> "PodRunner":
         return self
@@ -152,11 +173,11 @@ class PodRunner:
     def _wait_started(self, c: dict) -> None:
         """Until the startup probe passes, within failureThreshold x periodSeconds."""
         probe = c.get("startupProbe")
-        if probe is None:
-            return
-        budget = probe.get("initialDelaySeconds", 0) + \
-            probe.get("failureThreshold", 3) * probe.get("periodSeconds", 10)
-        self._until(c, "startupProbe", budget)
+        if probe is not None:
+            budget = probe.get("initialDelaySeconds", 0) + \
+                probe.get("failureThreshold", 3) * probe.get("periodSeconds", 10)
+            self._until(c, "startupProbe", budget)
+        self.started.add(c["name"])
 
     def _wait_ready(self, c: dict) -> None:
         probe = c.get("readinessProbe")

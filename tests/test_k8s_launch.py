@@ -11,9 +11,12 @@ import asyncio
 import copy
 import json
 import signal
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import kubernetes
 import kubernetes_validate
@@ -21,6 +24,7 @@ import pytest
 from conftest import ServedApp
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pod_runner import PodRunner
 
 from apr import storage
 from apr.cluster import grpo_job as grpo_launch
@@ -54,6 +58,7 @@ class Script:
     suspended: bool = False  # held by a queue: spec.suspend, and no pod
     deleted_at: int | None = None  # from this Job read on, someone else is deleting it
     kind: str = "Job"  # or "TrainJob": a custom object whose JobSet's node 0 runs `node`
+    live: Callable[[dict], PodRunner] | None = None  # the pod spec runs here, for real
 
 
 def _status_error(code: int, reason: str, message: str) -> JSONResponse:
@@ -82,6 +87,8 @@ class FakeCluster:
         self.old_pod: dict | None = None
         self.created: dict | None = None  # the manifest the launcher sent
         self.job_gets = 0
+        self.pod: PodRunner | None = None  # with script.live: the Job's pod, running here
+        self.pod_error: BaseException | None = None
         self.trainjob = script.kind == "TrainJob"
         self.container = "node" if self.trainjob else "trainer"
         if script.existing:
@@ -125,7 +132,12 @@ class FakeCluster:
         self.reads += 1
         s = self.script
         blocked = s.waiting or s.crashed or s.unschedulable
-        if self.trainer == "waiting" and self.reads > s.start_after and not blocked:
+        if self.pod is not None:
+            self.trainer, code = self.pod.state(self.container)
+            if self.pod_error is not None and self.trainer == "waiting":  # never started
+                self.trainer, code = "terminated", 1
+            s.exit_code = code or 0
+        elif self.trainer == "waiting" and self.reads > s.start_after and not blocked:
             self.trainer = "running"
         if self.trainer != "terminated":
             status = {"active": 1}
@@ -152,6 +164,8 @@ class FakeCluster:
         init = [] if self.trainjob else [
             _container("pull-model", {"terminated": {"exitCode": 0, "reason": "Completed"}}),
             _container("sglang", {"running": {}}, ready=True)]
+        if self.pod is not None:
+            init = [self._live_status(c["name"]) for c in self.pod.spec.get("initContainers", [])]
         for i, c in enumerate(init):
             if c["name"] in s.waiting:
                 reason, message = s.waiting[c["name"]]
@@ -175,8 +189,34 @@ class FakeCluster:
             phase = "Succeeded" if code == 0 else "Failed"
         return pods + [self._pod(uid, _container(self.container, trainer), phase, init)]
 
+    def _live_status(self, name: str) -> dict:
+        state, code = self.pod.state(name)
+        if state == "terminated":
+            return _container(name, {"terminated": {"exitCode": code,
+                                                     "reason": "Completed" if code == 0 else "Error"}})
+        if state == "running":
+            return _container(name, {"running": {}}, ready=name in self.pod.started)
+        return _container(name, {"waiting": {"reason": "PodInitializing"}})
+
+    def start_live(self, body: dict) -> None:
+        """The created Job's pod, run here in a thread (its course is the processes')."""
+        self.pod = self.script.live(body["spec"]["template"]["spec"])
+
+        def course():
+            try:
+                self.pod.run_pod()
+            except BaseException as e:  # the launcher sees it as the trainer never starting
+                self.pod_error = e
+                self.pod.stop()
+
+        threading.Thread(target=course, daemon=True).start()
+
     def log_lines(self, pod: str, container: str, previous: bool) -> tuple[str, ...] | None:
         """A container's log, None where the API would refuse (never started)."""
+        if self.pod is not None:
+            if self.pod.state(container)[0] == "waiting":
+                return None
+            return tuple(self.pod.log(container, lines=10**9).splitlines())
         if self.old_pod and pod == self.old_pod["metadata"]["name"]:
             return ("the old run's log",)
         if container == self.container:
@@ -208,6 +248,8 @@ def fake_api(current: dict[str, FakeCluster]) -> FastAPI:
             return _status_error(409, "AlreadyExists", f'jobs.batch "{NAME}" already exists')
         cluster.job, cluster.created = cluster._new_job(body, str(uuid.uuid4())), body
         cluster.reads, cluster.trainer = 0, "waiting"
+        if cluster.script.live is not None:
+            cluster.start_live(body)
         return JSONResponse({**cluster.job, "status": {}}, status_code=201)
 
     @app.get(jobs + "/{name}")
@@ -274,6 +316,20 @@ def fake_api(current: dict[str, FakeCluster]) -> FastAPI:
         if not follow:
             return PlainTextResponse("".join(f"{x}\n" for x in lines[-(tailLines or 0):]))
         cluster.follows += 1
+        if cluster.pod is not None:  # the real container's log, as it grows, to its end
+            async def live():
+                sent = 0
+                while True:
+                    ended = cluster.pod.state(container)[0] == "terminated"
+                    current = cluster.log_lines(pod, container, False) or ()
+                    for line in current[sent:]:
+                        yield f"{line}\n".encode()
+                    sent = len(current)
+                    if ended or await request.is_disconnected():
+                        return
+                    await asyncio.sleep(0.1)
+
+            return StreamingResponse(live(), media_type="text/plain")
         first = cluster.follows == 1
         sent = lines[:cluster.script.drop_after] if first and cluster.script.drop_after else lines
 
@@ -628,7 +684,7 @@ def test_run_sft_trainjob_stages_the_data_runs_it_and_brings_the_model_back(
     (result / "model").mkdir(parents=True)
     (result / "model" / "model.safetensors").write_bytes(b"sft weights")
     (result / "sft.json").write_text('{"steps": 7}')
-    base = f"s3://apr-store/pipeline/sft-jobs/{NAME}"
+    base = f"s3://apr-sft-store/pipeline/sft-jobs/{NAME}"  # not the GRPO test's bucket, which it lists
     monkeypatch.setattr(trainjob_launch, "launch_job", lambda manifest, **kwargs: launch.launch_job(
         manifest, poll_s=0.02, api_client=client, **kwargs))
 
@@ -643,7 +699,7 @@ def test_run_sft_trainjob_stages_the_data_runs_it_and_brings_the_model_back(
     fields = {"name": NAME, "namespace": NS, "preset": "paper", "overrides": ("traces=apr",),
               "nodes": 4, "gpus_per_node": 8, "image": "example/apr-train:1",
               "s3_endpoint": "http://minio.kubeflow:9000"}
-    out = trainjob_launch.run_sft_trainjob(fields, str(data), "s3://apr-store/pipeline", 
+    out = trainjob_launch.run_sft_trainjob(fields, str(data), "s3://apr-sft-store/pipeline",
                                            str(tmp_path / "out"), settings=s3, log=node_0_runs)
     assert _files(out) == _files(result)
     check(fake.created)
@@ -755,6 +811,70 @@ def test_run_grpo_job_stages_the_inputs_runs_the_job_and_brings_the_model_back(
     listed = {o.object_name for o in s3.client().list_objects("apr-store", recursive=True)}
     assert listed and all(name.startswith(f"pipeline/grpo-runs/{NAME}/run/") for name in listed)
     assert storage.is_complete(f"{base}/run/model", s3) and storage.is_complete(f"{base}/run/logs", s3)
+
+
+@pytest.mark.slow
+@pytest.mark.sglang
+def test_the_grpo_job_runs_here_for_real(api_server, s3, tmp_path, monkeypatch):
+    """The GRPO step's Job, launched by the real launcher against the fake API server, whose
+    pod runs here (the pod runner): the init container pulls the SFT model from the S3
+    server, SGLang starts as a native sidecar (its image: the SGLang environment, CPU flags
+    appended) and passes its startup probe, the trainer runs two steps syncing its weights
+    into SGLang through the shared volume, and the trained model comes back."""
+    import socket
+    import sys
+
+    from conftest import S3_KEYS, make_dataset, sglang_python_or_skip
+    from pod_runner import Image
+
+    from apr import model as model_lib
+    from apr.cluster.defaults import S3_SECRET
+    from apr.decode.rollout_server import sglang_cpu_args
+
+    python = sglang_python_or_skip()
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", grpo_launch.SGLANG_PORT)) == 0:
+            pytest.skip(f"port {grpo_launch.SGLANG_PORT} is taken here")
+    data = make_dataset(tmp_path / "data", train=4, val=2, seed=0, chunk=2, n_numbers=2)
+    sft = model_lib.save(model_lib.build("tiny", seed=0), tmp_path / "sft")
+    here = Path(sys.executable).parent
+
+    def images(reference: str) -> Image:
+        if reference.rsplit(":", 1)[0].endswith("lmsysorg/sglang"):
+            return Image({"python3": python}, tuple(sglang_cpu_args()))
+        assert reference.rsplit(":", 1)[0].endswith("apr-on-kubernetes/apr-train"), reference
+        return Image({"apr": str(here / "apr"), "python3": sys.executable})
+
+    secrets = {(S3_SECRET, "accesskey"): S3_KEYS["AWS_ACCESS_KEY_ID"],
+               (S3_SECRET, "secretkey"): S3_KEYS["AWS_SECRET_ACCESS_KEY"]}
+    current, client = api_server
+    fake = current["cluster"] = FakeCluster(Script(
+        live=lambda spec: PodRunner(spec, images, tmp_path / "pod", secrets, poll_s=0.5)))
+    monkeypatch.setattr(grpo_launch, "launch_job", lambda manifest, **kwargs: launch.launch_job(
+        manifest, poll_s=0.2, api_client=client, **kwargs))
+    logged: list[str] = []
+    args = ["--config", "local", "--set", "steps=2", "--set", "group_size=2",
+            "--set", "prompts_per_step=2", "--set", "context=96", "--set", "tokens_per_batch=2048",
+            "--set", "val_problems=2", "--set", "checkpoint_every=1"]
+    try:
+        summary = grpo_launch.run_grpo_job(
+            {"name": NAME, "namespace": NS, "s3_endpoint": s3.url}, str(sft), str(data),
+            "s3://apr-live/pipeline", args, str(tmp_path / "out"), settings=s3, timeout_s=600,
+            log=logged.append)
+    finally:
+        if fake.pod is not None:
+            fake.pod.stop()
+    assert summary["steps"] == 2, logged[-20:]
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert fake.pod.state("pull-model") == ("terminated", 0)
+    assert "sglang" in fake.pod.started and fake.pod.state("trainer") == ("terminated", 0)
+    assert any("step" in line for line in _trainer_lines(logged))  # the step's log is its
+    # each step rolled out on SGLang holding that step's weights, sent through the volume
+    logs = storage.download("s3://apr-live/pipeline/grpo-runs/grpo-run-1/run/logs",
+                            tmp_path / "logs", s3)
+    rollouts = [json.loads(line) for line in (logs / "rollouts.jsonl").read_text().splitlines()]
+    assert sorted({(r["step"], r["weight_version"]) for r in rollouts}) == [(0, "0"), (1, "1")]
+    assert "update_weights_from_disk" in fake.pod.log("sglang", lines=10**6)
 
 
 def test_rbac_lets_the_pipeline_runner_launch_jobs():
