@@ -17,8 +17,9 @@ PART_FILE = "part.json"  # marks one part of a dataset written over several mach
 
 @dataclass(frozen=True)
 class Part:
-    """Part `index` of `count`: it writes the trace files whose number is `index` modulo
-    `count`. Problems are seeded by id, so the parts never need to talk to each other."""
+    """Part `index` of `count`: it writes the trace files whose number (counted through the
+    splits, val then test then train) is `index` modulo `count`. Problems are seeded by id,
+    so the parts never need to talk to each other."""
 
     index: int = 0
     count: int = 1

@@ -16,7 +16,7 @@ from apr.stages import datagen
 from apr.stages.datagen import Part
 from apr.stages.datagen_merge import merge
 
-PARTS = 3  # train has 3 trace files, val and test 1 each: part 2 holds no val or test file
+PARTS = 3  # train has 3 trace files, val and test 1 each
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +32,11 @@ def written(tmp_path_factory):
 
 def test_each_part_holds_its_own_trace_files(written):
     _, parts = written
+    # the dataset's files in order (val, test, train), dealt out to the parts in turn
+    files = ["val-00000", "test-00000", "train-00000", "train-00001", "train-00002"]
     for i, path in enumerate(parts):
         names = sorted(p.name for p in (path / "traces" / "apr").iterdir())
-        assert names == sorted(f"{split}-{n:05d}.jsonl" for split, count in
-                               (("train", 3), ("val", 1), ("test", 1)) for n in range(count)
-                               if n % PARTS == i)
+        assert names == sorted(f"{name}.jsonl" for n, name in enumerate(files) if n % PARTS == i)
         assert json.loads((path / "part.json").read_text())["index"] == i
         assert not (path / "stats.json").exists()  # a part never looks like a dataset
 
@@ -85,7 +85,7 @@ def test_parts_that_do_not_make_a_dataset_are_refused(written, tmp_path, case, m
         else:  # metrics of a file the part should hold, gone
             numbers = json.loads((spoiled / "metrics" / "train.json").read_text())
             (spoiled / "metrics" / "train.json").write_text(json.dumps({}))
-            assert list(numbers) == ["1"]
+            assert list(numbers) == ["2"]  # train-00002: file 4 of the dataset
     with pytest.raises(InputError, match=message):
         merge(given, tmp_path / "out")
     assert not (tmp_path / "out").exists()

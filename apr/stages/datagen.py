@@ -295,14 +295,17 @@ def _token_stride(config: DatagenConfig) -> int:
 
 
 def write_traces(split: str, problems: list[Problem], config: DatagenConfig, out: Path, pool,
-                 progress: bool, part: Part = WHOLE) -> dict[int, dict[str, list[int]]]:
+                 progress: bool, part: Part = WHOLE, first_file: int = 0
+                 ) -> dict[int, dict[str, list[int]]]:
     """Solve a split on the pool, streaming each chunk into its trace file as it arrives in
-    order; only the files `part` owns. Returns the stats' numbers by file number."""
+    order; only the files `part` owns, counting this split's first file as file `first_file`
+    of the dataset (so the parts share out the splits' files evenly). Returns the stats'
+    numbers by the split's file number."""
     suffix = ".jsonl.gz" if config.compression == "gzip" else ".jsonl"
     stride = _token_stride(config)
     per_file = config.shard_size // config.chunk_size
     owned = [(n // per_file, chunk) for n, chunk in enumerate(_chunks(problems, config))
-             if part.owns(n // per_file)]
+             if part.owns(first_file + n // per_file)]
     metrics: dict[int, dict[str, array.array]] = {}
     files: dict[str, object] = {}
     bar = _progress(sum(len(chunk) for _, chunk in owned), f"traces:{split}", progress)
@@ -360,9 +363,11 @@ def _write_dataset(config: DatagenConfig, partial: Path, progress: bool, part: P
         for split, problems in splits.items():
             _write_jsonl(partial / "problems" / f"{split}.jsonl", [p.to_json() for p in problems])
         problems_seconds = time.perf_counter() - started
-        metrics = {split: write_traces(split, problems, config, partial, pool, progress,
-                                       part if part is not None else WHOLE)
-                   for split, problems in splits.items()}
+        metrics, first_file = {}, 0
+        for split, problems in splits.items():
+            metrics[split] = write_traces(split, problems, config, partial, pool, progress,
+                                          part if part is not None else WHOLE, first_file)
+            first_file += math.ceil(len(problems) / config.shard_size)
     tokenizer.save(partial / "tokenizer")
     seconds = time.perf_counter() - started
     total = sum(len(p) for p in splits.values())
