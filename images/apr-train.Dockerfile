@@ -1,6 +1,6 @@
 # The GPU image: SFT, evaluation with the local engine, the GRPO trainer.
 # Build from the repository root:  docker build -f images/apr-train.Dockerfile -t REGISTRY/apr-train:0.1.0 .
-FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime AS build
+FROM pytorch/pytorch:2.13.0-cuda13.0-cudnn9-runtime AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY apr ./apr
@@ -11,7 +11,7 @@ RUN python -m venv --system-site-packages /opt/apr \
       ".[hf,eval,serve]" "numpy==2.4.6" "safetensors==0.8.0" "kfp==2.17.0" \
       "kfp-kubernetes==2.17.0" "minio==7.2.20"
 
-FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+FROM pytorch/pytorch:2.13.0-cuda13.0-cudnn9-runtime
 LABEL org.opencontainers.image.title="apr-train" \
       org.opencontainers.image.description="APR on Kubernetes: GPU training and evaluation" \
       org.opencontainers.image.version="0.1.0" \

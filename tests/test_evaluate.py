@@ -155,7 +155,7 @@ def test_bad_evaluation_configs_name_the_key():
         load(EvalConfig, None, "evaluate", ["server=sglang"])
     with pytest.raises(ConfigError, match="evaluate.server: 'vllm': choose one of"):
         load(EvalConfig, None, "evaluate", ["engine=sglang", "server=vllm"])
-    assert load(EvalConfig, "paper", "evaluate", []).server == "sglang"  # no URL to set
+    assert load(EvalConfig, "paper", "evaluate", []).server == "auto"  # no URL to set
     with pytest.raises(ConfigError, match="evaluate.engine"):
         load(EvalConfig, None, "evaluate", ["engine=vllm"])
     with pytest.raises(ConfigError, match="evaluate.sos_samples"):

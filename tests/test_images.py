@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shlex
 import tomllib
@@ -229,3 +231,56 @@ def test_pin_check_follows_the_project_requirements_and_the_constraints_file():
     assert len(pin_problems(unconstrained, without)) == 12
     elsewhere = text.replace("--constraint constraints.txt", "--constraint /tmp/other.txt")
     assert pin_problems(elsewhere, without)[0].startswith("constraints file /tmp/other.txt")
+
+
+# --- the training image's torch against what its pinned libraries need -------------------
+def torch_problems(base_torch: str, metadata: list[dict]) -> list[str]:
+    """The pinned libraries whose declared torch requirement (under any extra: the image
+    uses each of them with torch) the base image's torch does not meet."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    problems = []
+    for package in metadata:
+        for line in package.get("requires_dist") or []:
+            requirement = Requirement(line)
+            if requirement.name == "torch" and not requirement.specifier.contains(
+                    Version(base_torch), prereleases=True):
+                problems.append(f"{package['name']} {package['version']} needs torch"
+                                f"{requirement.specifier}, the image has {base_torch}")
+    return sorted(set(problems))
+
+
+def base_torch(dockerfile: Path) -> str:
+    """The torch of a pytorch/pytorch base image, from its tag (2.13.0-cuda13.0-...)."""
+    bases = re.findall(r"^FROM pytorch/pytorch:(\d+\.\d+\.\d+)-\S+", dockerfile.read_text(), re.M)
+    assert bases and len(set(bases)) == 1, "one pytorch/pytorch base, build and runtime"
+    return bases[0]
+
+
+@pytest.fixture(scope="module")
+def pinned_metadata(tmp_path_factory) -> list[dict]:
+    """The metadata of every pinned library, from the package index (pip's resolver report)."""
+    import subprocess
+    import sys
+
+    report = tmp_path_factory.mktemp("pins") / "report.json"
+    pins = [f"{name}=={version}" for name, version in _pins(CONSTRAINTS.read_text()).items()]
+    run = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps",
+                          "--ignore-installed", "--only-binary=:all:", "--quiet",
+                          "--report", str(report), *pins], capture_output=True, text=True,
+                         timeout=300)
+    if run.returncode != 0:
+        message = f"the package index did not answer for the pins: {run.stderr[-500:]}"
+        if os.environ.get("APR_REQUIRE_TOOLS") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return [entry["metadata"] for entry in json.loads(report.read_text())["install"]]
+
+
+def test_the_training_image_torch_meets_every_pinned_library(pinned_metadata):
+    torch = base_torch(ROOT / "images" / "apr-train.Dockerfile")
+    assert torch_problems(torch, pinned_metadata) == []
+    # an image on torch 2.5.1 (this image's base until it failed this test) is refused
+    assert "transformers 5.23.0 needs torch>=2.6, the image has 2.5.1" in \
+        torch_problems("2.5.1", pinned_metadata)

@@ -371,7 +371,8 @@ SMALL = {
 @pytest.mark.parametrize("preset", ["gpu-small", "paper"])
 def test_every_preset_runs_the_whole_pipeline(preset, tmp_path, monkeypatch):
     """gpu-small and paper through the whole DAG on the CPU (local runs in the test above):
-    bf16 and torch.compile in SFT, gzip traces, paper's evaluation starting SGLang itself."""
+    bf16 and torch.compile in SFT, gzip traces, paper's evaluation starting its own server
+    (on a CPU `apr engine serve`; SGLang's own run is in tests/test_sglang.py)."""
     from apr.config import load
     from apr.decode.rollout_server import SGLANG_PYTHON_ENV
     from apr.stages.evaluate import EvalConfig

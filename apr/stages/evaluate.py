@@ -4,8 +4,9 @@
         --out runs/x/eval-apr
 
 Every answer is checked by the verifier, never by the model's claim. With `engine: sglang` and
-`server: sglang`, SGLang is started on the model beside the evaluation (the cluster's
-evaluation step, whose image holds it) and stopped after it. Writes `results.jsonl`
+`server: sglang` (or `auto`: SGLang when it is installed and a GPU is present, else `apr
+engine serve`), the server is started on the model beside the evaluation and stopped after
+it: the cluster's evaluation step needs no server of its own (the paper preset). Writes `results.jsonl`
 (one row per problem and setting), `metrics.json`, the paper's three curves as PNG
 (accuracy against context-window limit, total tokens and latency) and `report.md`.
 """
