@@ -8,7 +8,7 @@ import json
 import shutil
 
 import pytest
-from test_datagen import config, files
+from test_datagen import SIZES, config, files
 
 from apr.config import InputError
 from apr.dataset import DataError, read_records
@@ -94,3 +94,19 @@ def test_parts_that_do_not_make_a_dataset_are_refused(written, tmp_path, case, m
 @pytest.mark.parametrize("text, expected", [("0/1", Part()), ("2/4", Part(2, 4))])
 def test_part_parse(text, expected):
     assert Part.parse(text) == expected
+
+
+def test_the_commands_write_parts_and_join_them(tmp_path, capsys):
+    from apr import cli
+
+    args = ["--no-progress", "--set", f"problems.train_size={SIZES['train']}",
+            "--set", "problems.val_size=20", "--set", "problems.test_size=0",
+            "--set", "shard_size=20", "--set", "chunk_size=10", "--set", "workers=1"]
+    for i in range(2):
+        assert cli.main(["datagen", *args, "--part", f"{i}/2", "--out", str(tmp_path / f"p{i}")]) == 0
+    capsys.readouterr()
+    assert cli.main(["datagen-merge", str(tmp_path / "p0"), str(tmp_path / "p1"),
+                     "--out", str(tmp_path / "data")]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["parts"] == 2 and stats["splits"]["train"]["problems"] == SIZES["train"]
+    assert len(list((tmp_path / "data" / "traces" / "apr").glob("train-*.jsonl"))) == 3

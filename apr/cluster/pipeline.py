@@ -221,6 +221,8 @@ def run_local(workdir: str | Path, preset: str = "local", store: str | None = No
             plain = ANSI.sub("", str(e)).strip().splitlines()[-1]
             if progress is None:
                 raise PipelineFailed(f"{plain} (its log is above)") from None
+            if progress.failed is None:  # kfp.local failed before any task ended
+                raise PipelineFailed(f"{plain}: the whole log is in {log_path}") from None
             log.error("task %s failed; the last lines of its log:\n%s", progress.failed,
                       "\n".join(progress.failed_tail))
             raise PipelineFailed(f"{plain}: its last lines are above, the whole log is in "
