@@ -90,7 +90,9 @@ RENDERS = {
 }
 LINTS = {"defaults": {}, "all_on": ALL_ON, "bad_gpu_count": {"sglang": {"gpu": {"count": "two"}}}}
 # What an install must set (`helm install` with no flags fails, naming it): every variant has it.
-REQUIRED = {"model": {"uri": "s3://apr-models/models/apr-countdown/v1"}}
+REQUIRED = {"model": {"uri": "s3://apr-models/models/apr-countdown/v1"},
+            "image": {"apr": {"repository": "registry.example.com/apr"},
+                      "serve": {"repository": "registry.example.com/apr-serve"}}}
 
 
 def merged(base: dict, override: dict) -> dict:
@@ -101,7 +103,10 @@ def merged(base: dict, override: dict) -> dict:
 
 
 RENDERS["run_here"] = merged(ALL_ON, {"server": {"maxTokens": 256}})  # short answers on a CPU
-RENDERS = {name: merged(REQUIRED, values) for name, values in RENDERS.items()} | {"zero_flags": {}}
+RENDERS = {name: merged(REQUIRED, values) for name, values in RENDERS.items()} | {
+    "zero_flags": {}, "no_model": {"image": REQUIRED["image"]},
+    "no_apr_image": merged(REQUIRED, {"image": {"apr": {"repository": ""}}}),
+    "no_serve_image": merged(REQUIRED, {"image": {"serve": {"repository": ""}}})}
 LINTS = {name: merged(REQUIRED, values) for name, values in LINTS.items()}
 
 
@@ -298,8 +303,15 @@ def test_schema_rejects_a_bad_value_at_install(helm):
 
 
 def test_an_install_with_no_flags_fails_naming_the_value_to_set(helm):
+    """What has no usable default (the model, the project's unpublished images) fails the
+    install with a message naming it, before any pod could fail to start."""
     error = helm["render"]["zero_flags"].get("error", "")
-    assert "model.uri is required" in error and "--set model.uri=" in error, error
+    assert re.search(r"(model\.uri|image\.(apr|serve)\.repository) is required", error), error
+    for variant, value in (("no_model", "model.uri"), ("no_apr_image", "image.apr.repository"),
+                           ("no_serve_image", "image.serve.repository")):
+        error = helm["render"][variant].get("error", "")
+        assert f"{value} is required" in error, (variant, error)
+    assert "--set model.uri=" in helm["render"]["no_model"]["error"]
 
 
 def test_auth_without_a_secret_is_refused(helm):
@@ -364,8 +376,8 @@ def test_pod_layout_and_images_are_pinned(rendered):
         image = c["image"]
         assert re.search(r":[^/:]+$", image) and not image.endswith(":latest"), image
     assert container(objs, "sglang")["image"] == "lmsysorg/sglang:v0.5.23"
-    assert container(objs, "pull-model")["image"] == "ghcr.io/apr-on-kubernetes/apr:0.1.0"
-    assert container(objs, "apr-server")["image"] == "ghcr.io/apr-on-kubernetes/apr-serve:0.1.0"
+    assert container(objs, "pull-model")["image"] == "registry.example.com/apr:0.1.0"
+    assert container(objs, "apr-server")["image"] == "registry.example.com/apr-serve:0.1.0"
     assert one(rendered("custom"), "Deployment")["spec"]["strategy"]["type"] == "RollingUpdate"
 
 
@@ -709,7 +721,7 @@ def test_the_pod_comes_up_for_real_and_helm_test_passes(rendered, s3, tmp_path):
         repository = reference.rsplit(":", 1)[0]
         if repository.endswith("lmsysorg/sglang"):
             return Image({"python3": python}, tuple(sglang_cpu_args()))
-        if repository.endswith(("apr-on-kubernetes/apr", "apr-on-kubernetes/apr-serve")):
+        if repository.endswith(("/apr", "/apr-serve")):
             return Image({"apr": str(here / "apr"), "python3": sys.executable})
         if repository.endswith("curlimages/curl"):
             return Image({"/bin/sh": "/bin/sh"})  # and curl from PATH

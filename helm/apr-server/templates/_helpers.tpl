@@ -73,10 +73,14 @@ name), or an existing one named in serviceAccount.name (default: "default").
 {{- end }}
 
 {{/*
-apr-server.image: "repository:tag" of one entry of .Values.image (pass the entry).
+apr-server.image: "repository:tag" of the entry of .Values.image named by the argument; an
+empty repository fails the install, naming the value (the project's own images are not
+published yet: each is built from images/<name>.Dockerfile and pushed to the user's registry).
 */}}
 {{- define "apr-server.image" -}}
-{{- printf "%s:%s" .repository .tag }}
+{{- $name := index . 0 }}{{- $image := index . 1 }}
+{{- $repository := required (printf "image.%s.repository is required: the project's images are not published yet; build it from images/ (see the chart README), push it to your registry and set it" $name) $image.repository }}
+{{- printf "%s:%s" $repository $image.tag }}
 {{- end }}
 
 {{/*

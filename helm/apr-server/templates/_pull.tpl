@@ -6,7 +6,7 @@ come from a Secret, never from values, or from the pod's cloud role (`iam`), or 
 */}}
 {{- define "apr-server.pullContainer" -}}
 - name: pull-model
-  image: {{ include "apr-server.image" .Values.image.apr }}
+  image: {{ include "apr-server.image" (list "apr" .Values.image.apr) }}
   imagePullPolicy: {{ .Values.image.apr.pullPolicy }}
   command: ["apr", "pull", "--uri", {{ required "model.uri is required: the published model to serve, e.g. --set model.uri=s3://apr-models/models/apr-countdown/v1" .Values.model.uri | quote }}, "--out", "/models/current"]
   env:

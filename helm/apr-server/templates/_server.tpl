@@ -3,7 +3,7 @@ apr-server.serverContainer: the APR server: the spawn/join loop, calling SGLang 
 */}}
 {{- define "apr-server.serverContainer" -}}
 - name: apr-server
-  image: {{ include "apr-server.image" .Values.image.serve }}
+  image: {{ include "apr-server.image" (list "serve" .Values.image.serve) }}
   imagePullPolicy: {{ .Values.image.serve.pullPolicy }}
   command:
     - apr

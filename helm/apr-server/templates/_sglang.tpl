@@ -6,7 +6,7 @@ sglang.livenessGenerates is set.
 */}}
 {{- define "apr-server.sglangContainer" -}}
 - name: sglang
-  image: {{ include "apr-server.image" .Values.image.sglang }}
+  image: {{ include "apr-server.image" (list "sglang" .Values.image.sglang) }}
   imagePullPolicy: {{ .Values.image.sglang.pullPolicy }}
   command:
     - python3
