@@ -171,8 +171,6 @@ class ChunkResult:
     metrics: dict[str, list[int]]
 
 
-
-
 def _encode(records: list[dict], compression: str) -> bytes:
     data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records).encode()
     return gzip.compress(data, compresslevel=1, mtime=0) if compression == "gzip" else data
