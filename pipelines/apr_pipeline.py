@@ -79,7 +79,10 @@ def build(cluster: bool = True):
                      sft_nodes: int = 1):
         # The traces are written by `datagen_pods` CPU pods side by side, then joined.
         plan = datagen_parts(parts=datagen_pods).set_display_name("datagen plan")
-        with dsl.ParallelFor(plan.output, name="datagen-parts") as part:
+        # kfp.local runs a loop's iterations in threads, and its per-task logging swaps the
+        # root logger's handlers unsafely between threads: one at a time there.
+        with dsl.ParallelFor(plan.output, name="datagen-parts",
+                             parallelism=0 if cluster else 1) as part:
             written = datagen(preset=preset, overrides=datagen_overrides, part=part
                               ).set_display_name("datagen part")
         data = datagen_merge(parts=dsl.Collected(written.outputs["data"])

@@ -306,6 +306,17 @@ def test_progress_prints_a_line_per_task_and_keeps_the_failed_tasks_last_lines()
     assert log.getvalue() == stream + "\x1b[0m\n"  # the log keeps everything, as written
 
 
+def test_progress_sees_every_task_end_on_a_shared_line():
+    """A task's print without its newline, then kfp.local's records: one line, two ends."""
+    log, out = io.StringIO(), io.StringIO()
+    progress = TaskProgress(log, out)
+    progress.write("output Task 'a' finished with status SUCCESS "
+                   "Task 'b' finished with status FAILURE\n")
+    assert [line.split()[:2] for line in out.getvalue().splitlines()] == [
+        ["a", "success"], ["b", "failure"]]
+    assert progress.failed == "b"
+
+
 @pytest.mark.slow
 def test_a_failed_task_stops_the_run_and_shows_its_last_lines(tmp_path, capsys, caplog):
     with pytest.raises(pipeline.PipelineFailed, match=r"datagen.*pipeline\.log") as failed:
@@ -322,7 +333,8 @@ def test_a_failed_task_stops_the_run_and_shows_its_last_lines(tmp_path, capsys, 
 
 
 @pytest.mark.slow
-def test_local_run_end_to_end(tmp_path, capsys):
+def test_local_run_end_to_end(tmp_path, capsys, caplog):
+    caplog.set_level("INFO")  # kfp.local's records are made, and must not reach the terminal
     summary = pipeline.run_local(tmp_path, datagen_pods=2, overrides={
         "datagen": ["problems.train_size=40", "problems.val_size=6", "problems.test_size=0",
                     "chunk_size=10", "shard_size=40", "workers=1"],
@@ -351,6 +363,9 @@ def test_local_run_end_to_end(tmp_path, capsys):
         "datagen plan", "datagen part", "datagen part", "datagen", "SFT GPUs", "SFT APR", "SFT SoS+", "GRPO APR", "evaluate APR", "evaluate SoS+",
         "APR vs SoS+ report", "publish model"])
     assert "Streamed logs" in (tmp_path / "pipeline.log").read_text()
+    # kfp.local's own records ("Cleaned up workspace") go to the log file, not the terminal
+    assert not [r for r in caplog.records if f"{os.sep}kfp{os.sep}" in r.pathname]
+    assert "Cleaned up workspace" in (tmp_path / "pipeline.log").read_text()
 
 
 # Every section of a preset, shrunk only in size: the shapes, batches, samples, dtypes,

@@ -14,10 +14,11 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import sys
 import time
 import warnings
-from contextlib import nullcontext, redirect_stdout
+from contextlib import contextmanager, nullcontext, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -171,6 +172,31 @@ class PipelineFailed(RuntimeError):
     """A task of the local run failed; its own log says why."""
 
 
+@contextmanager
+def _kfp_records_to(progress: TaskProgress | None):
+    """kfp.local's own records that reach this process's log handlers (it logs through the
+    root logger; outside a task, e.g. "Cleaned up workspace", its handler is not there) go to
+    the run's log file with the rest, not to the terminal."""
+    if progress is None:
+        yield
+        return
+
+    def to_log(record: logging.LogRecord) -> bool:
+        if f"{os.sep}kfp{os.sep}" not in record.pathname:
+            return True
+        progress.log.write(record.getMessage() + "\n")
+        return False
+
+    handlers = list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(to_log)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(to_log)
+
+
 def display_names(spec) -> dict[str, str]:
     """kfp.local's task key -> the name the UI shows, for the tasks of every DAG (a
     ParallelFor's tasks live in a DAG of their own)."""
@@ -202,7 +228,7 @@ def run_local(workdir: str | Path, preset: str = "local", store: str | None = No
                   flush=True)
         try:
             with redirect_stdout(progress) if progress else nullcontext(), \
-                    warnings.catch_warnings():
+                    _kfp_records_to(progress), warnings.catch_warnings():
                 # "custom or non-Python base image ... consider the DockerRunner": the images
                 # are the project's own, and this environment is the one they install
                 warnings.filterwarnings("ignore", "You may be attemping", RuntimeWarning)

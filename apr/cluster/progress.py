@@ -47,15 +47,20 @@ class TaskProgress(io.TextIOBase):
         self.out.flush()
 
     def _line(self, line: str) -> None:
-        if match := STARTED.search(line):
-            self.started[match[1]] = time.perf_counter()
-            self.tail.clear()
-        elif match := FINISHED.search(line):
+        """Every task start and end in the line, in order (a task's print without its newline
+        and kfp.local's next record share a line)."""
+        events = sorted([*STARTED.finditer(line), *FINISHED.finditer(line)],
+                        key=lambda m: m.start())
+        for match in events:
+            if match.re is STARTED:
+                self.started[match[1]] = time.perf_counter()
+                self.tail.clear()
+                continue
             task, status = match[1], match[2]
             seconds = time.perf_counter() - self.started.get(task, time.perf_counter())
             print(f"  {self.names.get(task, task):<20} {status.lower():<8} {seconds:6.1f} s",
                   file=self.out, flush=True)
             if status != "SUCCESS":
                 self.failed, self.failed_tail = task, list(self.tail)
-        elif line.strip():
+        if not events and line.strip():
             self.tail.append(line)
