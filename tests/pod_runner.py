@@ -238,7 +238,8 @@ class PodRunner:
         return [first, *(self._path(c, a) for a in argv[1:]), *(image.append if main else ())]
 
     def _env(self, c: dict) -> dict[str, str]:
-        env = dict(self.base_env)
+        # A container's /tmp is its own: temporary files land in the pod's directory too.
+        env = {**self.base_env, "TMPDIR": str(self._mounts(c)["/tmp"])}
         for source in c.get("envFrom", []):
             raise ValueError(f"container {c['name']}: envFrom {source} is not resolved here")
         for entry in c.get("env", []):

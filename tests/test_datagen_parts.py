@@ -65,6 +65,7 @@ def test_a_part_is_not_read_as_a_dataset(written):
     ("other config", "config.yaml differ"),
     ("other count", "different part counts"),
     ("lost file", "hold 2 of the 3 train trace files"),
+    ("bare part file", "is not a part description"),
 ])
 def test_parts_that_do_not_make_a_dataset_are_refused(written, tmp_path, case, message):
     _, parts = written
@@ -81,7 +82,10 @@ def test_parts_that_do_not_make_a_dataset_are_refused(written, tmp_path, case, m
             text = (spoiled / "config.yaml").read_text()
             (spoiled / "config.yaml").write_text(text.replace("seed: 5", "seed: 6"))
         elif case == "other count":
-            (spoiled / "part.json").write_text('{"index": 1, "count": 4}')
+            described = json.loads((spoiled / "part.json").read_text())
+            (spoiled / "part.json").write_text(json.dumps({**described, "count": 4}))
+        elif case == "bare part file":  # an index and a count, none of the part's numbers
+            (spoiled / "part.json").write_text('{"index": 1, "count": 3}')
         else:  # metrics of a file the part should hold, gone
             numbers = json.loads((spoiled / "metrics" / "train.json").read_text())
             (spoiled / "metrics" / "train.json").write_text(json.dumps({}))

@@ -40,7 +40,12 @@ def _read_part(path: Path) -> dict:
                          "of `apr datagen --part I/N`")
     try:
         part = json.loads(marker.read_text())
-        return {"index": int(part["index"]), "count": int(part["count"]), **part}
+        described = {**part, "index": int(part["index"]), "count": int(part["count"])}
+        for key, fields in (("seconds", ("total", "problems")), ("problems", ("kept",))):
+            for field in fields:  # the numbers the merged stats.json is made of
+                float(described[key][field])
+        int(described["workers"])
+        return described
     except (ValueError, KeyError, TypeError):
         raise InputError(f"{marker} is not a part description: regenerate that part") from None
 
