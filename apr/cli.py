@@ -67,8 +67,12 @@ def _http_url(text: str) -> str:
 
 
 def _s3_uri(text: str) -> str:
-    if not text.startswith("s3://") or len(text) <= len("s3://"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not an s3://bucket/prefix URI")
+    from apr.storage import split_uri
+
+    try:
+        split_uri(text)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return text
 
 

@@ -64,11 +64,11 @@ def sft(preset: str, traces: str, overrides: list, store: str, s3_endpoint: str,
         run_sft_trainjob(fields, data.path, store, run_dir, settings)
         result = stage.SFTResult.read(run_dir)
     elif gpus > 1:
-        from apr.train.launch import sft_args, torchrun_here
+        from apr.train.launch import sft_args, torchrun
 
         env = {**os.environ, **({"S3_ENDPOINT": s3_endpoint} if s3_endpoint else {})}
-        subprocess.run(torchrun_here(sft_args(preset, overrides, data.path, run_dir, mirror),
-                                     gpus), check=True, env=env)
+        subprocess.run(torchrun(sft_args(preset, overrides, data.path, run_dir, mirror), gpus),
+                       check=True, env=env)
         result = stage.SFTResult.read(run_dir)
     else:
         result = stage.run(config, data.path, run_dir, resume=True, progress=False,

@@ -20,6 +20,7 @@ from apr.cluster.defaults import (
     APR_IMAGE,
     S3_ENDPOINT,
     S3_SECRET,
+    S3_SECRET_KEYS,
     SGLANG_IMAGE,
     TRAIN_IMAGE,
 )
@@ -57,8 +58,7 @@ def _on_gpu(task: dsl.PipelineTask, image, gpus=1) -> dsl.PipelineTask:
 def _with_store_credentials(task: dsl.PipelineTask) -> dsl.PipelineTask:
     from kfp import kubernetes
 
-    kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env={
-        "accesskey": "AWS_ACCESS_KEY_ID", "secretkey": "AWS_SECRET_ACCESS_KEY"})
+    kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env=S3_SECRET_KEYS)
     return task
 
 

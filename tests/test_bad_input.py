@@ -193,6 +193,8 @@ CASES: dict[str, Callable[[Good], list[str]]] = {
         "datagen-merge", str(g.data), "--out", str(g.tmp / "o")],
     "datagen-merge: a directory that is not there": lambda g: [
         "datagen-merge", str(g.tmp / "none"), "--out", str(g.tmp / "o")],
+    "sft: --mirror not an s3:// URI": lambda g: [
+        *SFT, "--data", str(g.data), "--mirror", "s3:/bucket", "--out", str(g.tmp / "o")],
     "sft: one part of a dataset, not merged": lambda g: [
         *SFT, "--data", str(_data_with(g, _as_part)), "--out", str(g.tmp / "o")],
     # sft

@@ -156,6 +156,10 @@ def test_bad_evaluation_configs_name_the_key():
     with pytest.raises(ConfigError, match="evaluate.server: 'vllm': choose one of"):
         load(EvalConfig, None, "evaluate", ["engine=sglang", "server=vllm"])
     assert load(EvalConfig, "paper", "evaluate", []).server == "auto"  # no URL to set
+    from apr.decode.rollout_server import KINDS
+    from apr.stages.evaluate import SERVER_KINDS
+
+    assert SERVER_KINDS == KINDS
     with pytest.raises(ConfigError, match="evaluate.engine"):
         load(EvalConfig, None, "evaluate", ["engine=vllm"])
     with pytest.raises(ConfigError, match="evaluate.sos_samples"):

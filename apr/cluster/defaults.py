@@ -7,4 +7,12 @@ APR_IMAGE = "ghcr.io/apr-on-kubernetes/apr:0.1.0"  # CPU steps: datagen, compare
 TRAIN_IMAGE = "ghcr.io/apr-on-kubernetes/apr-train:0.1.0"  # CUDA steps: SFT, evaluation, trainer
 SGLANG_IMAGE = "lmsysorg/sglang:v0.5.23"  # the GRPO Job's rollout sidecar
 S3_SECRET = "mlpipeline-minio-artifact"  # the standard KFP install's artifact store Secret
+# That Secret's keys, and the variables the S3 client reads them from.
+S3_SECRET_KEYS = {"accesskey": "AWS_ACCESS_KEY_ID", "secretkey": "AWS_SECRET_ACCESS_KEY"}
+
+
+def s3_secret_env(secret: str = S3_SECRET) -> list[dict]:
+    """A container's env entries that take the store's credentials from `secret`."""
+    return [{"name": env, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+            for key, env in S3_SECRET_KEYS.items()]
 S3_ENDPOINT = "http://seaweedfs.kubeflow:9000"  # KFP 2.15+ serves its artifact store here

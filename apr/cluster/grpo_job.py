@@ -20,7 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from apr.cluster.defaults import S3_ENDPOINT, S3_SECRET, SGLANG_IMAGE, TRAIN_IMAGE
+from apr.cluster.defaults import (
+    S3_ENDPOINT,
+    S3_SECRET,
+    SGLANG_IMAGE,
+    TRAIN_IMAGE,
+    s3_secret_env,
+)
 from apr.cluster.jobs import launch_job, print_now
 from apr.storage import S3Settings, download, remove, upload
 from apr.train.checkpoints import MIRROR_SLOTS
@@ -78,9 +84,7 @@ def grpo_job(spec: GRPOJobSpec) -> dict:
         # The SGLang image runs as root; it needs no privilege beyond that.
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
     }
-    secret = [{"name": env, "valueFrom": {"secretKeyRef": {"name": spec.s3_secret, "key": key}}}
-              for env, key in (("AWS_ACCESS_KEY_ID", "accesskey"),
-                               ("AWS_SECRET_ACCESS_KEY", "secretkey"))]
+    secret = s3_secret_env(spec.s3_secret)
     trainer = {
         "name": "trainer",
         "image": spec.trainer_image,

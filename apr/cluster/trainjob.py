@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from apr.cluster.defaults import S3_ENDPOINT, S3_SECRET, TRAIN_IMAGE
+from apr.cluster.defaults import S3_ENDPOINT, S3_SECRET, TRAIN_IMAGE, s3_secret_env
 from apr.cluster.jobs import launch_job, print_now
 from apr.storage import S3Settings, download, remove, upload
 from apr.train.checkpoints import MIRROR_SLOTS
@@ -55,9 +55,7 @@ def node_args(spec: TrainJobSpec) -> list[str]:
 def trainjob(spec: TrainJobSpec) -> dict:
     """The TrainJob manifest, as a plain dict (validated against the Trainer's CRD schema by
     the tests)."""
-    secret = [{"name": env, "valueFrom": {"secretKeyRef": {"name": spec.s3_secret, "key": key}}}
-              for env, key in (("AWS_ACCESS_KEY_ID", "accesskey"),
-                               ("AWS_SECRET_ACCESS_KEY", "secretkey"))]
+    secret = s3_secret_env(spec.s3_secret)
     gpus = {spec.gpu_resource: spec.gpus_per_node}
     return {
         "apiVersion": API_VERSION,

@@ -6,9 +6,9 @@
 Every answer is checked by the verifier, never by the model's claim. With `engine: sglang` and
 `server: sglang` (or `auto`: SGLang when it is installed and a GPU is present, else `apr
 engine serve`), the server is started on the model beside the evaluation and stopped after
-it: the cluster's evaluation step needs no server of its own (the paper preset). Writes `results.jsonl`
-(one row per problem and setting), `metrics.json`, the paper's three curves as PNG
-(accuracy against context-window limit, total tokens and latency) and `report.md`.
+it: the cluster's evaluation step needs no server of its own (the paper preset). Writes
+`results.jsonl` (one row per problem and setting), `metrics.json`, the paper's three curves
+as PNG (accuracy against context-window limit, total tokens and latency) and `report.md`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ from apr.summary import describe
 SECTION = "evaluate"
 log = logging.getLogger(__name__)
 ENGINES = ("local", "sglang", "oracle")  # sglang: SGLang or `apr engine serve` at engine_url
-SERVER_KINDS = ("sglang", "engine-serve", "auto")  # apr.decode.rollout_server.KINDS
+# apr.decode.rollout_server.KINDS (a test keeps them equal), not imported: that module needs
+# httpx, which an evaluation on the local engine does not.
+SERVER_KINDS = ("auto", "sglang", "engine-serve")
 
 
 @dataclass

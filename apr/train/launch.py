@@ -17,13 +17,10 @@ def sft_args(preset: str, overrides: list[str], data: str, out: str,
     return args + (["--mirror", mirror] if mirror else [])
 
 
-def torchrun_here(args: list[str], processes: int) -> list[str]:
-    """`args` in `processes` processes on this machine (a rendezvous of its own)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            "--nproc_per_node", str(processes), *args]
-
-
-def torchrun_on_nodes(args: list[str]) -> list[str]:
-    """`args` on one node of several: torchrun reads the nodes, processes per node, this
-    node's rank and the rendezvous address from the PET_* variables the Trainer sets."""
-    return [sys.executable, "-m", "torch.distributed.run", *args]
+def torchrun(args: list[str], processes: int | None = None) -> list[str]:
+    """`args` under torchrun: in `processes` processes on this machine (a rendezvous of its
+    own), or, with None, on one node of several, where torchrun reads the nodes, processes
+    per node, this node's rank and the rendezvous address from the PET_* variables the
+    Trainer sets."""
+    here = ["--standalone", "--nproc_per_node", str(processes)] if processes else []
+    return [sys.executable, "-m", "torch.distributed.run", *here, *args]

@@ -18,7 +18,7 @@ import subprocess
 from pathlib import Path
 
 from apr.storage import download, is_remote, upload
-from apr.train.launch import sft_args, torchrun_on_nodes
+from apr.train.launch import sft_args, torchrun
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def run(data_uri: str, out_uri: str, preset: str, overrides: list[str], workdir:
     data, run_dir = workdir / "data", workdir / "run"
     download(data_uri, data)  # a complete artifact, verified
     mirror = f"{out_uri}/checkpoints" if is_remote(out_uri) else None
-    command = torchrun_on_nodes(sft_args(preset, overrides, str(data), str(run_dir), mirror))
+    command = torchrun(sft_args(preset, overrides, str(data), str(run_dir), mirror))
     log.info("node %s: %s", os.environ.get("PET_NODE_RANK", "0"), " ".join(command))
     code = subprocess.run(command).returncode
     if code != 0:
