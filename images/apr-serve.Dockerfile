@@ -2,13 +2,14 @@
 # Build from the repository root:  docker build -f images/apr-serve.Dockerfile -t REGISTRY/apr-serve:0.1.0 .
 FROM python:3.11.10-slim-bookworm AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY apr ./apr
-COPY images/constraints.txt ./constraints.txt
+# Every package from the image's lock (scripts/lock_images.py), each checked against its hashes.
+COPY images/apr-serve.lock ./apr-serve.lock
 RUN python -m venv /opt/apr \
  && /opt/apr/bin/pip install --no-cache-dir --upgrade pip==24.3.1 \
- && /opt/apr/bin/pip install --no-cache-dir --constraint constraints.txt ".[serve]" \
-      "minio==7.2.20"
+ && /opt/apr/bin/pip install --no-cache-dir --require-hashes --no-deps -r apr-serve.lock
+COPY pyproject.toml README.md ./
+COPY apr ./apr
+RUN /opt/apr/bin/pip install --no-cache-dir --no-deps . && /opt/apr/bin/pip check
 
 FROM python:3.11.10-slim-bookworm
 LABEL org.opencontainers.image.title="apr-serve" \

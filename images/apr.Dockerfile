@@ -2,13 +2,14 @@
 # Build from the repository root:  docker build -f images/apr.Dockerfile -t REGISTRY/apr:0.1.0 .
 FROM python:3.11.10-slim-bookworm AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY apr ./apr
-COPY images/constraints.txt ./constraints.txt
+# Every package from the image's lock (scripts/lock_images.py), each checked against its hashes.
+COPY images/apr.lock ./apr.lock
 RUN python -m venv /opt/apr \
  && /opt/apr/bin/pip install --no-cache-dir --upgrade pip==24.3.1 \
- && /opt/apr/bin/pip install --no-cache-dir --constraint constraints.txt \
-      ".[hf,eval]" "kfp==2.17.0" "kfp-kubernetes==2.17.0" "minio==7.2.20" "kubernetes==30.1.0"
+ && /opt/apr/bin/pip install --no-cache-dir --require-hashes --no-deps -r apr.lock
+COPY pyproject.toml README.md ./
+COPY apr ./apr
+RUN /opt/apr/bin/pip install --no-cache-dir --no-deps . && /opt/apr/bin/pip check
 
 FROM python:3.11.10-slim-bookworm
 LABEL org.opencontainers.image.title="apr" \

@@ -66,6 +66,7 @@ def test_a_part_is_not_read_as_a_dataset(written):
     ("other count", "different part counts"),
     ("lost file", "hold 2 of the 3 train trace files"),
     ("bare part file", "is not a part description"),
+    ("deleted trace file", "lack the sos trace file train-00002"),
 ])
 def test_parts_that_do_not_make_a_dataset_are_refused(written, tmp_path, case, message):
     _, parts = written
@@ -86,6 +87,8 @@ def test_parts_that_do_not_make_a_dataset_are_refused(written, tmp_path, case, m
             (spoiled / "part.json").write_text(json.dumps({**described, "count": 4}))
         elif case == "bare part file":  # an index and a count, none of the part's numbers
             (spoiled / "part.json").write_text('{"index": 1, "count": 3}')
+        elif case == "deleted trace file":  # its numbers kept
+            (next((spoiled / "traces" / "sos").glob("train-00002.*"))).unlink()
         else:  # metrics of a file the part should hold, gone
             numbers = json.loads((spoiled / "metrics" / "train.json").read_text())
             (spoiled / "metrics" / "train.json").write_text(json.dumps({}))

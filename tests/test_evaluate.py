@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from conftest import make_dataset
 from apr import model as model_lib
 from apr.config import ConfigError, from_dict, load
 from apr.countdown.threads import Thread
+from apr.decode.runtime import Vote
 from apr.report import trace_text
 from apr.stages import evaluate
 from apr.stages.evaluate import EvalConfig, summarize
@@ -205,3 +207,24 @@ def test_a_malformed_problem_is_an_error_naming_its_line_never_scored(tmp_path, 
     with pytest.raises(DataError, match=f"line 2: {says}"):
         load_problems(path, "val", 10)
     assert load_problems(path, "val", 1) == [{"nums": [3, 8, 2], "target": 24}]
+
+
+def test_each_budget_prefix_is_a_setting_solved_under_its_own_budget(monkeypatch):
+    config = from_dict(EvalConfig, {"apr_budgets": [0, 4], "sos_token_budgets": [0, 1024],
+                                    "sos_samples": [1, 2]})
+    seen = []
+
+    async def recording_sample(engine, mode, nums, target, n, budgets, temperature):
+        seen.append((mode, n, budgets.sub_call_budget, budgets.token_budget))
+        return Vote(samples=[])
+
+    monkeypatch.setattr(evaluate, "sample", recording_sample)
+    monkeypatch.setattr(evaluate, "row", lambda problem, setting, vote: setting.name)
+    problem = {"id": 0, "nums": [1, 2, 3], "target": 6}
+    rows, _ = asyncio.run(evaluate.evaluate(None, [problem], config, progress=False))
+    assert rows == ["apr", "apr-budget4", "sos", "sos-n2", "sos-budget1024",
+                    "sos-budget1024-n2"]
+    assert seen == [("apr", 1, 0, 0), ("apr", 1, 4, 0), ("sos", 1, 0, 0), ("sos", 2, 0, 0),
+                    ("sos", 1, 0, 1024), ("sos", 2, 0, 1024)]
+    with pytest.raises(ConfigError, match="evaluate.sos_token_budgets: budgets must be >= 0"):
+        load(EvalConfig, None, "evaluate", ["sos_token_budgets=[-1]"])

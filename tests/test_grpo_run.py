@@ -180,6 +180,34 @@ def test_validation_adds_the_sampled_reward_of_each_problem_when_asked(setup):
     assert greedy_only["val_accuracy"] == 1.0 and "val_reward" not in greedy_only
 
 
+class PrefixedEngine(ScriptedEngine):
+    """Records the prompts it is sent, then answers each as the oracle answers it without
+    its budget prefix."""
+
+    def __init__(self, records, prefix: str):
+        super().__init__(records)
+        self.prefix, self.prompts = prefix, []
+
+    async def generate(self, prompts, sampling):
+        self.prompts += prompts
+        return await super().generate([p.removeprefix(self.prefix) for p in prompts], sampling)
+
+
+def test_a_budget_conditions_every_root_prompt_of_the_run(setup):
+    records = setup[2]
+    problems = [{"nums": r["nums"], "target": r["target"]} for r in records[:2]]
+    engine = PrefixedEngine(records, "Sub Call Budget: 3 ")
+    config = from_dict(GRPOConfig, {**CONFIG, "budget": 3, "val_samples": 1})
+    result = asyncio.run(validate(engine, problems, config, "default"))
+    parents = [p for p in engine.prompts if "Moving to Node #0\n" in p]  # joins resend them
+    assert all(p.startswith("Sub Call Budget: 3 ") for p in parents)
+    assert sum(p.count("\n") == 2 for p in parents) == 4  # 2 problems, greedy + 1 sample
+    assert result["val_accuracy"] == 1.0
+    sos = from_dict(GRPOConfig, {**CONFIG, "mode": "sos", "budget": 512}).budgets()
+    assert (sos.sub_call_budget, sos.token_budget) == (0, 512)
+    assert from_dict(GRPOConfig, CONFIG).budgets().sub_call_budget == 0
+
+
 @pytest.mark.slow
 def test_weights_the_server_did_not_apply_stop_the_run(setup, tmp_path):
     with pytest.raises(GRPOError, match=r"at step 1[\s\S]*did not apply the last weight update"):

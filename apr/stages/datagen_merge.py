@@ -59,6 +59,19 @@ def _expected_files(path: Path) -> dict[str, int]:
     return {s: math.ceil(n / config["shard_size"]) for s, n in sizes.items()}
 
 
+def _check_trace_files(traces: Path, expected: dict[str, int]) -> None:
+    """Every trace file the config implies is there, for both trace styles (a part whose
+    numbers are whole may still have lost a file)."""
+    for kind in ("apr", "sos"):
+        present = {f.name.split(".")[0] for f in (traces / kind).iterdir()}
+        for split, files in expected.items():
+            lost = [f"{split}-{i:05d}" for i in range(files) if f"{split}-{i:05d}" not in present]
+            if lost:
+                raise InputError(f"the parts lack the {kind} trace file {lost[0]}"
+                                 f"{f' and {len(lost) - 1} more' if len(lost) > 1 else ''}: "
+                                 "a part is incomplete, regenerate it")
+
+
 def merge(parts: list[str | Path], out: str | Path) -> dict:
     """Write the dataset the `parts` make up to `out` (which must not exist); returns the stats."""
     paths = [Path(p) for p in parts]
@@ -109,6 +122,7 @@ def merge(parts: list[str | Path], out: str | Path) -> dict:
             if sorted(metrics[split]) != list(range(files)):
                 raise InputError(f"the parts hold {len(metrics[split])} of the {files} {split} "
                                  "trace files: a part is incomplete, regenerate it")
+        _check_trace_files(partial / "traces", expected)
         seconds = max(d["seconds"]["total"] for d in described)
         kept = described[0]["problems"]["kept"]
         stats = {

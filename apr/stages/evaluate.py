@@ -1,4 +1,5 @@
-"""The evaluation stage: APR at several child budgets against SoS+ at several sample counts.
+"""The evaluation stage: APR at several child budgets against SoS+ at several token budgets and
+sample counts.
 
     apr evaluate --config local --model runs/x/sft-apr/model --problems runs/x/data \
         --out runs/x/eval-apr
@@ -56,7 +57,8 @@ class EvalConfig:
                                     "prefixes (0: no prefix)")
     sos_samples: list[int] = option(factory=lambda: [1], doc="SoS+ settings: N of best-of-N "
                                     "and majority")
-    sos_token_budget: int = option(0, "condition SoS+ on `Token Budget: N ` (0: no prefix)")
+    sos_token_budgets: list[int] = option(factory=lambda: [0], doc="SoS+ settings: `Token "
+                                          "Budget` prefixes (0: no prefix), each at every N")
     temperature: float = option(0.0, "for single samples; several samples use "
                                      "sample_temperature")
     sample_temperature: float = option(1.0, "for settings with several samples (SoS+ N > 1)")
@@ -83,6 +85,8 @@ class EvalConfig:
         check_range("concurrency", self.concurrency, 1)
         check(all(b >= 0 for b in self.apr_budgets), "apr_budgets", "budgets must be >= 0")
         check(all(n >= 1 for n in self.sos_samples), "sos_samples", "sample counts must be >= 1")
+        check(all(t >= 0 for t in self.sos_token_budgets), "sos_token_budgets",
+              "budgets must be >= 0")
         check(bool(self.modes) and all(m in STYLES for m in self.modes), "modes",
               f"a non-empty list of {APR!r} and {SOS!r}")
         check_range("temperature", self.temperature, 0.0)
@@ -96,14 +100,13 @@ class EvalConfig:
 @dataclass(frozen=True)
 class Setting:
     mode: str
-    budget: int = 0  # APR child budget (0: none)
+    budget: int = 0  # the prompt's budget prefix: APR `Sub Call Budget`, SoS+ `Token Budget`
     samples: int = 1
 
     @property
     def name(self) -> str:
-        if self.mode == APR:
-            return "apr" + (f"-budget{self.budget}" if self.budget else "")
-        return "sos" + (f"-n{self.samples}" if self.samples > 1 else "")
+        return (self.mode + (f"-budget{self.budget}" if self.budget else "")
+                + (f"-n{self.samples}" if self.samples > 1 else ""))
 
 
 def settings(config: EvalConfig) -> list[Setting]:
@@ -111,7 +114,8 @@ def settings(config: EvalConfig) -> list[Setting]:
     if APR in config.modes:
         out += [Setting(APR, budget=b) for b in config.apr_budgets]
     if SOS in config.modes:
-        out += [Setting(SOS, samples=n) for n in config.sos_samples]
+        out += [Setting(SOS, budget=t, samples=n)
+                for t in config.sos_token_budgets for n in config.sos_samples]
     return out
 
 
@@ -209,8 +213,8 @@ async def evaluate(engine, problems: list[dict], config: EvalConfig, progress: b
 
     async def one(problem: dict, setting: Setting) -> dict:
         budgets = Budgets(context=config.context, total_tokens=config.total_tokens,
-                          sub_call_budget=setting.budget,
-                          token_budget=config.sos_token_budget if setting.mode == SOS else 0)
+                          sub_call_budget=setting.budget if setting.mode == APR else 0,
+                          token_budget=setting.budget if setting.mode == SOS else 0)
         temperature = config.temperature if setting.samples == 1 else config.sample_temperature
         async with gate:
             vote = await sample(engine, setting.mode, problem["nums"], problem["target"],

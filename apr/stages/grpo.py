@@ -72,6 +72,9 @@ class GRPOConfig:
     temperature: float = option(1.0, "sampling temperature of the rollouts (paper: 1.0)")
     grad_clip: float = option(1.0, "gradient norm clip")
     context: int = option(4096, "tokens any one thread may hold (paper: 4096)")
+    budget: int = option(0, "the rollouts' budget prefix, for a model trained on datagen's "
+                         "budget_prefix: `Sub Call Budget: N` (apr), `Token Budget: N` (sos); "
+                         "0: none")
     children_per_spawn: int = option(0, "children run per spawn (the rest join as No Solution);"
                                      " 0: every child the parent asks for")
     tokens_per_batch: int = option(65_536, "tokens per training micro-batch, padding included")
@@ -112,6 +115,7 @@ class GRPOConfig:
         check(self.temperature > 0, "temperature", "GRPO needs sampled rollouts: set it above 0")
         check_range("context", self.context, 16)
         check_range("children_per_spawn", self.children_per_spawn, 0)
+        check_range("budget", self.budget, 0)
         check(self.tokens_per_batch >= self.context, "tokens_per_batch",
               f"{self.tokens_per_batch} cannot hold one {self.context}-token thread: "
               "make it at least `context`")
@@ -119,6 +123,14 @@ class GRPOConfig:
         check_range("val_samples", self.val_samples, 0)
         check_range("sidecar_startup_s", self.sidecar_startup_s, 1.0)
         check_range("engine_timeout_s", self.engine_timeout_s, 1.0)
+
+    def budgets(self):
+        """The runtime's budgets of every rollout and validation solve."""
+        from apr.decode.runtime import Budgets
+
+        prefix = {"sub_call_budget" if self.mode == APR else "token_budget": self.budget}
+        return Budgets(context=self.context, children_per_spawn=self.children_per_spawn,
+                       **prefix)
 
 
 # --- the run's pieces --------------------------------------------------------------------
@@ -170,13 +182,13 @@ async def validate(engine, problems: list[dict], config: GRPOConfig, version: st
     """Greedy accuracy on the validation problems, through the same runtime and server, and
     with `val_samples` the mean reward of sampled solves: what GRPO optimises, and steadier
     than a small model's argmax, whose solved set reshuffles at a tiny KL."""
-    from apr.decode.runtime import Budgets, solve_apr, solve_sos
+    from apr.decode.runtime import solve_apr, solve_sos
     from apr.rl.rollouts import check_version
 
     if not problems:
         return {}
     solver = solve_apr if config.mode == APR else solve_sos
-    budgets = Budgets(context=config.context, children_per_spawn=config.children_per_spawn)
+    budgets = config.budgets()
     k = config.val_samples
     jobs = [solver(engine, p["nums"], p["target"], budgets, 0.0) for p in problems]
     jobs += [solver(engine, p["nums"], p["target"], budgets, config.temperature)
@@ -284,12 +296,11 @@ async def _loop(config, paths, trainer, state, train, val, weights, url, sidecar
 
     from apr.decode.engine import EngineError
     from apr.decode.rollout_server import RolloutServerError
-    from apr.decode.runtime import Budgets
     from apr.decode.sglang import SGLangEngine
     from apr.rl.rollouts import StalePolicy, check_version, collect, training_rows
 
     engine = SGLangEngine(url, timeout_s=config.engine_timeout_s)
-    budgets = Budgets(context=config.context, children_per_spawn=config.children_per_spawn)
+    budgets = config.budgets()
     metrics = open(paths.local / "metrics.jsonl", "a")
     rollout_log = open(paths.local / "rollouts.jsonl", "a")
     bar = tqdm(total=config.steps, initial=state["step"], desc="grpo", unit="step",
