@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,16 +63,16 @@ def resolve(lock: ImageLock, constraints: tuple[str, ...] = ()) -> str:
                f"--python-platform={lock.platform}", "--generate-hashes",
                f"--exclude-newer={EXCLUDE_NEWER}", f"--custom-compile-command={COMMAND}",
                "--no-config", "--no-python-downloads"]
-    extra = ROOT / "images" / f".{lock.image}.constraints"
-    if constraints:
-        extra.write_text("\n".join(constraints) + "\n")
-        command.append(f"--constraint={extra.relative_to(ROOT)}")
-    try:
-        run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    except FileNotFoundError as e:
-        raise LockError(f"cannot run uv ({e}): pip install uv") from None
-    finally:
-        extra.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        if constraints:
+            extra = Path(scratch) / "constraints.txt"
+            extra.write_text("\n".join(constraints) + "\n")
+            command.append(f"--constraint={extra}")
+        try:
+            run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
+                                 timeout=600)
+        except FileNotFoundError as e:
+            raise LockError(f"cannot run uv ({e}): pip install uv") from None
     if run.returncode != 0:
         raise LockError(f"uv could not resolve {lock.image}: {run.stderr.strip()}")
     if "==" not in run.stdout:

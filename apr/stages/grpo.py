@@ -30,6 +30,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -40,6 +41,9 @@ from apr.decode.rollout_server import KINDS
 from apr.rl.losses import group_advantages
 from apr.rl.trainer import Trainer, push_weights
 from apr.train.checkpoints import MIRROR_SLOTS, check_fresh, pull_mirror, push_mirror
+
+if TYPE_CHECKING:
+    from apr.decode.runtime import Budgets
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +128,7 @@ class GRPOConfig:
         check_range("sidecar_startup_s", self.sidecar_startup_s, 1.0)
         check_range("engine_timeout_s", self.engine_timeout_s, 1.0)
 
-    def budgets(self):
+    def budgets(self) -> Budgets:
         """The runtime's budgets of every rollout and validation solve."""
         from apr.decode.runtime import Budgets
 
