@@ -2,7 +2,7 @@
 problems with the same number of supervised tokens, evaluated on the same held-out problems,
 then GRPO from the APR model and the APR evaluation again.
 
-    python bench/cpu_compare.py --workdir runs/cpu-compare          (about 2.5 hours)
+    python bench/cpu_compare.py --workdir runs/cpu-compare          (about 2 hours)
 
 The setting is 3-number Countdown (numbers 1..15, targets 10..40): the tiny model solves
 nothing on the paper's 4 numbers in 1..99 in hours of this CPU, and on these it solves a
