@@ -89,8 +89,16 @@ def _datagen(args: argparse.Namespace) -> int:
     from apr.stages import datagen
 
     config = load(datagen.DatagenConfig, args.config, datagen.SECTION, args.overrides)
+    if args.problems_only:
+        if args.part or args.problems:
+            raise InputError("--problems-only draws the problems alone: leave out --part and "
+                             "--problems")
+        print(json.dumps(datagen.draw(config, args.out, progress=not args.no_progress), indent=2))
+        log.info("problem set written to %s", args.out)
+        return 0
     part = datagen.Part.parse(args.part) if args.part else None
-    stats = datagen.run(config, args.out, progress=not args.no_progress, part=part)
+    stats = datagen.run(config, args.out, progress=not args.no_progress, part=part,
+                        problems=args.problems)
     print(json.dumps(stats, indent=2))
     log.info("%s written to %s", f"part {part}" if part else "dataset", args.out)
     return 0
@@ -289,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (must not exist)")
     p.add_argument("--part", metavar="I/N", help="write part I (from 0) of N, to be joined by "
                    "`apr datagen-merge`: every N-th trace file, from file I on")
+    p.add_argument("--problems-only", action="store_true",
+                   help="draw the problems alone (a problem set, for the parts to share)")
+    p.add_argument("--problems", metavar="SET", help="solve the problems of a problem set "
+                   "(from --problems-only, drawn with the same problems.* keys) instead of "
+                   "drawing them")
     p.set_defaults(run=_datagen)
 
     p = stages.add_parser("datagen-merge", help="join the parts of `apr datagen --part I/N`",

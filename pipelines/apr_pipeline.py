@@ -25,7 +25,7 @@ from apr.cluster.defaults import (
     TRAIN_IMAGE,
 )
 from components.compare import compare
-from components.datagen import datagen, datagen_parts
+from components.datagen import datagen, datagen_plan
 from components.datagen_merge import datagen_merge
 from components.evaluate import evaluate
 from components.grpo import grpo
@@ -77,13 +77,16 @@ def build(cluster: bool = True):
                      sglang_image: str = SGLANG_IMAGE, namespace: str = "kubeflow",
                      grpo_timeout_s: float = 0.0, datagen_pods: int = 1, sft_gpus: int = 1,
                      sft_nodes: int = 1):
-        # The traces are written by `datagen_pods` CPU pods side by side, then joined.
-        plan = datagen_parts(parts=datagen_pods).set_display_name("datagen plan")
+        # The problems are drawn once; their traces are written by `datagen_pods` CPU pods
+        # side by side, then joined.
+        plan = datagen_plan(preset=preset, overrides=datagen_overrides, parts=datagen_pods
+                            ).set_display_name("datagen plan")
         # kfp.local runs a loop's iterations in threads, and its per-task logging swaps the
         # root logger's handlers unsafely between threads: one at a time there.
-        with dsl.ParallelFor(plan.output, name="datagen-parts",
+        with dsl.ParallelFor(plan.outputs["Output"], name="datagen-parts",
                              parallelism=0 if cluster else 1) as part:
-            written = datagen(preset=preset, overrides=datagen_overrides, part=part
+            written = datagen(preset=preset, overrides=datagen_overrides,
+                              problems=plan.outputs["problems"], part=part
                               ).set_display_name("datagen part")
         data = datagen_merge(parts=dsl.Collected(written.outputs["data"])
                              ).set_display_name("datagen")

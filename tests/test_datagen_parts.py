@@ -1,6 +1,8 @@
 """A dataset written in parts (`apr datagen --part I/N`) and joined (`apr datagen-merge`) is
-the dataset one machine writes: same files, byte for byte, and the same stats; parts that do
-not belong together are refused with one line that says why."""
+the dataset one machine writes: same files, byte for byte, and the same stats, whether each
+part draws the problems or reads them from a problem set drawn once (`--problems-only`);
+parts that do not belong together, and problem sets that do not fit, are refused with one
+line that says why."""
 
 from __future__ import annotations
 
@@ -20,14 +22,58 @@ PARTS = 3  # train has 3 trace files, val and test 1 each
 
 
 @pytest.fixture(scope="module")
-def written(tmp_path_factory):
+def problem_set(tmp_path_factory):
+    path = tmp_path_factory.mktemp("set") / "problems"
+    datagen.draw(config(2), path, progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory, problem_set):
+    """The whole dataset, and its parts: part 1 draws the problems itself, the others read
+    them from the problem set, as the pipeline's parts do."""
     root = tmp_path_factory.mktemp("parts")
     whole = root / "whole"
     datagen.run(config(2), whole, progress=False)
     parts = [root / f"part-{i}" for i in range(PARTS)]
     for i, path in enumerate(parts):
-        datagen.run(config(2), path, progress=False, part=Part(i, PARTS))
+        datagen.run(config(2), path, progress=False, part=Part(i, PARTS),
+                    problems=None if i == 1 else problem_set)
     return whole, parts
+
+
+def test_a_problem_set_holds_the_problems_the_dataset_draws(written, problem_set):
+    whole, _ = written
+    assert files(problem_set / "problems") == files(whole / "problems")
+    described = json.loads((problem_set / "problems.json").read_text())
+    drawn = json.loads((whole / "stats.json").read_text())["problems"]
+    assert (described["drawn"], described["kept"]) == (drawn["drawn"], drawn["kept"])
+    assert described["problems"]["seed"] == 5
+
+
+@pytest.mark.parametrize("case, message", [
+    ("other seed", r"\(problems.seed is 5 there, 6 here\): draw them with the same settings"),
+    ("not a set", "is not a problem set"),
+    ("problem lost", "holds 59 problems, not the 60"),
+    ("not a problem", "holds a line that is not a problem"),
+    ("bad description", "is not a problem set's description"),
+])
+def test_problem_sets_that_do_not_fit_are_refused(problem_set, tmp_path, case, message):
+    spoiled = tmp_path / "set"
+    shutil.copytree(problem_set, spoiled)
+    train = spoiled / "problems" / "train.jsonl"
+    asked = config(2, "none", "problems.seed=6") if case == "other seed" else config(2)
+    if case == "not a set":
+        (spoiled / "problems.json").unlink()
+    elif case == "problem lost":
+        train.write_text("".join(train.read_text().splitlines(keepends=True)[1:]))
+    elif case == "not a problem":
+        train.write_text(train.read_text().replace('"solution":["', '"solution":["x', 1))
+    elif case == "bad description":
+        (spoiled / "problems.json").write_text('{"drawn": 3}')
+    with pytest.raises(InputError, match=message):
+        datagen.run(asked, tmp_path / "out", progress=False, part=Part(0, 2), problems=spoiled)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
 def test_each_part_holds_its_own_trace_files(written):
@@ -109,11 +155,24 @@ def test_the_commands_write_parts_and_join_them(tmp_path, capsys):
     args = ["--no-progress", "--set", f"problems.train_size={SIZES['train']}",
             "--set", "problems.val_size=20", "--set", "problems.test_size=0",
             "--set", "shard_size=20", "--set", "chunk_size=10", "--set", "workers=1"]
+    assert cli.main(["datagen", *args, "--problems-only", "--out", str(tmp_path / "set")]) == 0
     for i in range(2):
-        assert cli.main(["datagen", *args, "--part", f"{i}/2", "--out", str(tmp_path / f"p{i}")]) == 0
+        assert cli.main(["datagen", *args, "--part", f"{i}/2", "--problems", str(tmp_path / "set"),
+                         "--out", str(tmp_path / f"p{i}")]) == 0
     capsys.readouterr()
     assert cli.main(["datagen-merge", str(tmp_path / "p0"), str(tmp_path / "p1"),
                      "--out", str(tmp_path / "data")]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["parts"] == 2 and stats["splits"]["train"]["problems"] == SIZES["train"]
     assert len(list((tmp_path / "data" / "traces" / "apr").glob("train-*.jsonl"))) == 3
+
+
+def test_problems_only_takes_no_part(tmp_path, capsys):
+    from apr import cli
+
+    assert cli.main(["datagen", "--problems-only", "--part", "0/2", "--out",
+                     str(tmp_path / "set")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("apr datagen: error: --problems-only draws the problems alone: leave out "
+                   "--part and --problems")
+    assert not (tmp_path / "set").exists()

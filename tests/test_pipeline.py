@@ -59,17 +59,20 @@ def test_yaml_loads_back_through_kfp_with_the_whole_dag():
     documents = list(yaml.safe_load_all(COMMITTED.read_text()))
     spec, platform = documents[0], documents[1]
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"datagen-parts", "for-loop-1", "datagen-merge", "sft-step-gpus", "sft",
+    assert set(tasks) == {"datagen-plan", "for-loop-1", "datagen-merge", "sft-step-gpus", "sft",
                           "sft-2", "grpo", "evaluate", "evaluate-2", "compare", "publish"}
 
     def upstream(name):
         return set(tasks[name].get("dependentTasks", []))
 
-    # datagen: a ParallelFor of parts over the plan's list, joined into one dataset
+    # datagen: a ParallelFor of parts over the plan's list, each solving the plan's problems,
+    # joined into one dataset
     loop = tasks["for-loop-1"]
-    assert loop["parameterIterator"]["items"]["inputParameter"].endswith("datagen-parts-Output")
-    assert set(spec["components"]["comp-for-loop-1"]["dag"]["tasks"]) == {"datagen"}
-    assert upstream("for-loop-1") == {"datagen-parts"}
+    assert loop["parameterIterator"]["items"]["inputParameter"].endswith("datagen-plan-Output")
+    [part] = spec["components"]["comp-for-loop-1"]["dag"]["tasks"].values()
+    assert part["inputs"]["artifacts"]["problems"]["componentInputArtifact"] == (
+        "pipelinechannel--datagen-plan-problems")
+    assert upstream("for-loop-1") == {"datagen-plan"}
     assert upstream("datagen-merge") == {"for-loop-1"}
     assert upstream("sft") == upstream("sft-2") == {"datagen-merge", "sft-step-gpus"}
     assert upstream("grpo") == {"datagen-merge", "sft"}  # GRPO starts from the APR SFT model
@@ -323,7 +326,8 @@ def test_a_failed_task_stops_the_run_and_shows_its_last_lines(tmp_path, capsys, 
         pipeline.run_local(tmp_path, overrides={"datagen": ["problems.n_numbers=1"]})
     assert "\n" not in str(failed.value)  # one line for the terminal
     terminal = capsys.readouterr().out.splitlines()
-    assert ["datagen", "part", "failure"] in [line.split()[:3] for line in terminal]
+    # the plan is the first task to read the datagen config
+    assert ["datagen", "plan", "failure"] in [line.split()[:3] for line in terminal]
     # nothing that needs the data ran (the SFT GPU count, which does not, may have)
     ran = [line.split()[:2] for line in terminal[1:]]
     assert all(words[0] == "datagen" or words == ["SFT", "GPUs"] for words in ran), ran

@@ -14,7 +14,7 @@ from functools import lru_cache
 
 from apr.config import InputError
 from apr.countdown.search import combinations
-from apr.countdown.trace import Operation, operation
+from apr.countdown.trace import Operation, operation, parse_operation
 
 SPLITS = ("val", "test", "train")  # the order in which the deduplicated stream is cut
 
@@ -33,6 +33,16 @@ class Problem:
     def to_json(self) -> dict:
         return {"id": self.id, "nums": list(self.nums), "target": self.target,
                 "solution": [str(op) for op in self.solution]}
+
+    @classmethod
+    def from_json(cls, record: dict) -> Problem:
+        """The inverse of `to_json`; KeyError, TypeError or ValueError when `record` is not
+        one of its outputs."""
+        solution = tuple(parse_operation(text) for text in record["solution"])
+        if None in solution:
+            raise ValueError(f"not a solution: {record['solution']!r}")
+        return cls(str(record["id"]), tuple(int(n) for n in record["nums"]),
+                   int(record["target"]), solution)
 
 
 def find_solution(nums: tuple[int, ...], target: int) -> tuple[Operation, ...] | None:

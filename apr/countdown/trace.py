@@ -316,6 +316,12 @@ def _ops(text: str) -> tuple[Operation, ...]:
     return tuple(_op(m.groups()) for m in _OP_ITEM.finditer(text))
 
 
+def parse_operation(text: str) -> Operation | None:
+    """`79-27=52` as an Operation, or None when the text is not one."""
+    match = _OP_ITEM.fullmatch(text)
+    return _op(match.groups()) if match else None
+
+
 def parse_line(line: str) -> Event | None:
     """The event a line writes, or None when it is not a line of the language."""
     try:

@@ -12,7 +12,9 @@ The same config gives byte-identical files whatever the number of worker process
 At scale the traces split over machines: `apr datagen --part I/N` writes part I of N (the
 problems, the tokenizer and every N-th trace file, from file I on, with the numbers behind
 stats.json in `metrics/`), and `apr datagen-merge` joins the N parts into the dataset one
-machine would have written, byte for byte (apr/stages/datagen_merge.py).
+machine would have written, byte for byte (apr/stages/datagen_merge.py). The problems are
+drawn once, before the parts: `apr datagen --problems-only` writes a problem set, and each
+`apr datagen --part I/N --problems SET` reads it instead of drawing the whole stream again.
 """
 
 from __future__ import annotations
@@ -33,7 +35,15 @@ from typing import Iterator
 from tqdm import tqdm
 
 from apr import atomic, tokenizer
-from apr.config import InputError, check, check_choice, check_range, dump, option
+from apr.config import (
+    InputError,
+    check,
+    check_choice,
+    check_range,
+    dump,
+    option,
+    to_dict,
+)
 from apr.countdown.problems import SPLITS, Problem, ProblemSpace, candidates
 from apr.countdown.search import HEURISTICS, SearchParams, apr_search, sos_search
 from apr.countdown.threads import apr_threads, final_text, sos_threads
@@ -44,6 +54,7 @@ from apr.resources import check_fits
 SECTION = "datagen"
 COMPRESSIONS = ("none", "gzip")
 PROBLEM_BYTES = 2048  # a drawn problem held until its split is written (2.1 KB measured)
+PROBLEM_SET_FILE = "problems.json"  # marks the problems drawn alone (`--problems-only`)
 
 
 @dataclass
@@ -335,29 +346,100 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def run(config: DatagenConfig, out: str | Path, progress: bool = True,
-        part: Part | None = None) -> dict:
+        part: Part | None = None, problems: str | Path | None = None) -> dict:
     """Write the whole dataset (or one `part` of it, for `datagen_merge`; a part of one is a
-    part too) to `out`; returns the stats. Refuses to overwrite `out`."""
+    part too) to `out`; returns the stats. `problems`: a problem set from `draw` to solve
+    instead of drawing them. Refuses to overwrite `out`."""
+    out = _fresh(out, config)
+    with atomic.partial_dir(out) as partial:  # the dataset appears complete, or not at all
+        stats = _write_dataset(config, partial, progress, part, problems)
+    return stats
+
+
+def draw(config: DatagenConfig, out: str | Path, progress: bool = True) -> dict:
+    """Only the problems, for the parts of a dataset to share: the draw is deduplicated in
+    the stream's order, so it cannot be split, and every part would repeat it (about 0.5 ms
+    of one core per problem in the paper's space). Returns what problems.json records."""
+    out = _fresh(out, config)
+    started = time.perf_counter()
+    with atomic.partial_dir(out) as partial, _pool(config) as pool:
+        splits, drawn = generate_problems(config, pool, progress)
+        (partial / "problems").mkdir()
+        for split, split_problems in splits.items():
+            _write_jsonl(partial / "problems" / f"{split}.jsonl",
+                         [p.to_json() for p in split_problems])
+        record = {"problems": to_dict(config.problems), "drawn": drawn,
+                  "kept": sum(len(p) for p in splits.values()),
+                  "seconds": round(time.perf_counter() - started, 2)}
+        (partial / PROBLEM_SET_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def read_problem_set(path: str | Path, config: DatagenConfig
+                     ) -> tuple[dict[str, list[Problem]], int]:
+    """The splits of a problem set written by `draw`, and how many candidates it drew;
+    InputError unless it holds exactly the problems `config` asks for."""
+    path = Path(path)
+    marker = path / PROBLEM_SET_FILE
+    if not marker.is_file():
+        raise InputError(f"{path} is not a problem set (no {PROBLEM_SET_FILE}): write one with "
+                         "`apr datagen --problems-only`")
+    try:
+        record = json.loads(marker.read_text())
+        drawn_with, drawn = dict(record["problems"]), int(record["drawn"])
+    except (ValueError, KeyError, TypeError):
+        raise InputError(f"{marker} is not a problem set's description: draw the problems "
+                         "again") from None
+    wanted = to_dict(config.problems)
+    differ = [f"problems.{k} is {drawn_with.get(k)!r} there, {v!r} here"
+              for k, v in wanted.items() if drawn_with.get(k) != v]
+    if differ:
+        raise InputError(f"{path} holds other problems than the config asks for "
+                         f"({'; '.join(differ)}): draw them with the same settings")
+    splits = {}
+    for split, size in config.problems.sizes().items():
+        file = path / "problems" / f"{split}.jsonl"
+        try:
+            with open(file) as f:
+                splits[split] = [Problem.from_json(json.loads(line)) for line in f]
+        except OSError:
+            raise InputError(f"{file} cannot be read: draw the problems again") from None
+        except (ValueError, KeyError, TypeError):
+            raise InputError(f"{file} holds a line that is not a problem: draw the problems "
+                             "again") from None
+        if len(splits[split]) != size:
+            raise InputError(f"{file} holds {len(splits[split])} problems, not the {size} its "
+                             "problems.json says: draw the problems again")
+    return splits, drawn
+
+
+def _fresh(out: str | Path, config: DatagenConfig) -> Path:
+    """`out`, once it is known not to exist and the problems to fit in memory."""
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists: remove it or choose another --out")
     total = sum(config.problems.sizes().values())
     check_fits("problems.train_size", config.problems.train_size, total * PROBLEM_BYTES,
                "ask for fewer problems, or run on a machine with more memory")
-    with atomic.partial_dir(out) as partial:  # the dataset appears complete, or not at all
-        stats = _write_dataset(config, partial, progress, part)
-    return stats
+    return out
 
 
-def _write_dataset(config: DatagenConfig, partial: Path, progress: bool, part: Part | None
-                   ) -> dict:
+def _pool(config: DatagenConfig):
+    ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    return ctx.Pool(config.workers or os.cpu_count() or 1)
+
+
+def _write_dataset(config: DatagenConfig, partial: Path, progress: bool, part: Part | None,
+                   problem_set: str | Path | None) -> dict:
     for d in ("problems", "traces/apr", "traces/sos"):
         (partial / d).mkdir(parents=True)
     workers = config.workers or os.cpu_count() or 1
     started = time.perf_counter()
-    ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    with ctx.Pool(workers) as pool:
-        splits, drawn = generate_problems(config, pool, progress)
+    with _pool(config) as pool:
+        if problem_set is None:
+            splits, drawn = generate_problems(config, pool, progress)
+        else:
+            splits, drawn = read_problem_set(problem_set, config)
         for split, problems in splits.items():
             _write_jsonl(partial / "problems" / f"{split}.jsonl", [p.to_json() for p in problems])
         problems_seconds = time.perf_counter() - started
