@@ -35,7 +35,8 @@ class Image:
     """A local stand-in for an image: executable name -> local path, flags for its command."""
 
     executables: dict[str, str]
-    append: tuple[str, ...] = ()  # after the main command (not the probes): e.g. CPU flags
+    # executable -> flags after a main command that runs it (not the probes): SGLang's CPU flags
+    append: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 class PodFailed(AssertionError):
@@ -235,7 +236,8 @@ class PodRunner:
         if first is None:
             raise ValueError(f"container {c['name']}: {argv[0]!r} has no stand-in for image "
                              f"{c['image']}")
-        return [first, *(self._path(c, a) for a in argv[1:]), *(image.append if main else ())]
+        return [first, *(self._path(c, a) for a in argv[1:]),
+                *(image.append.get(argv[0], ()) if main else ())]
 
     def _env(self, c: dict) -> dict[str, str]:
         # A container's /tmp is its own: temporary files land in the pod's directory too.

@@ -720,7 +720,7 @@ def test_the_pod_comes_up_for_real_and_helm_test_passes(rendered, s3, tmp_path):
     def images(reference: str) -> Image:
         repository = reference.rsplit(":", 1)[0]
         if repository.endswith("lmsysorg/sglang"):
-            return Image({"python3": python}, tuple(sglang_cpu_args()))
+            return Image({"python3": python}, {"python3": tuple(sglang_cpu_args())})
         if repository.endswith(("/apr", "/apr-serve")):
             return Image({"apr": str(here / "apr"), "python3": sys.executable})
         if repository.endswith("curlimages/curl"):

@@ -29,6 +29,15 @@ def test_sglang_is_a_native_sidecar_after_the_model_pull(job):
     assert pod["restartPolicy"] == "Never" and job["spec"]["backoffLimit"] == 0
 
 
+def test_sglang_runs_in_the_training_image_unless_told_otherwise(job):
+    [trainer] = job["spec"]["template"]["spec"]["containers"]
+    pull, sidecar = job["spec"]["template"]["spec"]["initContainers"]
+    assert sidecar["image"] == trainer["image"] == pull["image"]  # one image to pull
+    other = grpo_job(GRPOJobSpec(name="grpo-run-1", model_uri="s3://m/v1",
+                                 sglang_image="example/sglang:1"))
+    assert other["spec"]["template"]["spec"]["initContainers"][1]["image"] == "example/sglang:1"
+
+
 def sglang_probe_problems(sglang: dict) -> tuple[list[str], set[str]]:
     """Why the probes of an SGLang container would not reach it, and the probe kinds it has.
 

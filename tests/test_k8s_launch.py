@@ -818,8 +818,8 @@ def test_run_grpo_job_stages_the_inputs_runs_the_job_and_brings_the_model_back(
 def test_the_grpo_job_runs_here_for_real(api_server, s3, tmp_path, monkeypatch):
     """The GRPO step's Job, launched by the real launcher against the fake API server, whose
     pod runs here (the pod runner): the init container pulls the SFT model from the S3
-    server, SGLang starts as a native sidecar (its image: the SGLang environment, CPU flags
-    appended) and passes its startup probe, the trainer runs two steps syncing its weights
+    server, SGLang starts as a native sidecar in the training image (its `python3`: the SGLang
+    environment, CPU flags appended) and passes its startup probe, the trainer runs two steps syncing its weights
     into SGLang through the shared volume, and the trained model comes back."""
     import socket
     import sys
@@ -839,11 +839,10 @@ def test_the_grpo_job_runs_here_for_real(api_server, s3, tmp_path, monkeypatch):
     sft = model_lib.save(model_lib.build("tiny", seed=0), tmp_path / "sft")
     here = Path(sys.executable).parent
 
-    def images(reference: str) -> Image:
-        if reference.rsplit(":", 1)[0].endswith("lmsysorg/sglang"):
-            return Image({"python3": python}, tuple(sglang_cpu_args()))
+    def images(reference: str) -> Image:  # the training image holds apr and SGLang
         assert reference.rsplit(":", 1)[0].endswith("apr-on-kubernetes/apr-train"), reference
-        return Image({"apr": str(here / "apr"), "python3": sys.executable})
+        return Image({"apr": str(here / "apr"), "python3": python},
+                     {"python3": tuple(sglang_cpu_args())})
 
     secrets = {(S3_SECRET, "accesskey"): S3_KEYS["AWS_ACCESS_KEY_ID"],
                (S3_SECRET, "secretkey"): S3_KEYS["AWS_SECRET_ACCESS_KEY"]}

@@ -3,7 +3,8 @@
 Released KFP cannot declare a sidecar, so the pipeline's GRPO step launches this Job with
 the `kubernetes` client. The pod holds the trainer container and SGLang as an init container
 with `restartPolicy: Always` (native sidecars, Kubernetes 1.29+): SGLang starts first, stays
-up for the whole run, and stops when the trainer exits. Both share an emptyDir for weights
+up for the whole run, and stops when the trainer exits. Both run the training image (it holds
+SGLang) unless `sglang_image` names another. Both share an emptyDir for weights
 (the trainer writes safetensors there, then calls `/update_weights_from_disk`) and talk over
 localhost.
 
@@ -41,7 +42,7 @@ class GRPOJobSpec:
     model_uri: str  # the SFT model to start from (s3://... as published, or a path)
     namespace: str = "kubeflow"
     trainer_image: str = TRAIN_IMAGE
-    sglang_image: str = SGLANG_IMAGE
+    sglang_image: str = SGLANG_IMAGE  # "": the trainer's image
     trainer_args: tuple[str, ...] = ()  # appended to `apr grpo`
     gpus_trainer: int = 1
     gpus_sglang: int = 1
@@ -69,7 +70,7 @@ def grpo_job(spec: GRPOJobSpec) -> dict:
         "timeoutSeconds": 30}
     sidecar = {
         "name": "sglang",
-        "image": spec.sglang_image,
+        "image": spec.sglang_image or spec.trainer_image,
         "restartPolicy": "Always",  # a native sidecar: up before the trainer, for its whole run
         "command": ["python3", "-m", "sglang.launch_server",
                     "--model-path", f"{SHARED}/initial", "--host", "127.0.0.1",
@@ -81,7 +82,8 @@ def grpo_job(spec: GRPOJobSpec) -> dict:
         "readinessProbe": {**health, "periodSeconds": 10},
         "volumeMounts": [{"name": "shared", "mountPath": SHARED},
                          {"name": "dshm", "mountPath": "/dev/shm"}],
-        # The SGLang image runs as root; it needs no privilege beyond that.
+        # The training image runs as its user 10001; another SGLang image may run as root,
+        # so no runAsNonRoot here. Neither needs any privilege beyond that.
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
     }
     secret = s3_secret_env(spec.s3_secret)
