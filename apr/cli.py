@@ -228,9 +228,14 @@ def _pipeline(args: argparse.Namespace) -> int:
         summary = pipeline.run_local(args.workdir, args.preset, args.store, overrides,
                                      verbose=args.verbose, datagen_pods=args.datagen_pods)
         if summary["metrics"]:
+            from apr.report import nothing_solved_note
             from apr.report import summary as report_summary
 
-            print(report_summary(json.loads(open(summary["metrics"]).read())))
+            metrics = json.loads(open(summary["metrics"]).read())
+            print(report_summary(metrics))
+            note = nothing_solved_note(args.preset, metrics)
+            if note:
+                print(note)
         print(f"report: {summary['report']}")
     return 0
 

@@ -182,14 +182,28 @@ def _models(metrics: dict) -> str:
 
 
 def summary(metrics: dict) -> str:
-    """A few lines for a terminal: each setting's accuracy, children, tokens and latency."""
+    """A few lines for a terminal: each setting's accuracy, children, tokens and latency, and
+    the failures of its unsolved solves (samples, for a setting of several)."""
     lines = [f"{metrics['problems']} {metrics['split']} problems, {_models(metrics)}"]
     for name, m in metrics["settings"].items():
         lines.append(f"  {name:<12} accuracy {100 * m['accuracy']:5.1f}%  children "
                      f"{m['children_per_problem']:5.2f}  total tokens "
                      f"{_cell(m['tokens_total']):>6}  sequential {_cell(m['tokens_sequential']):>6}"
                      f"  latency {_cell(m['latency_s'], digits=2)} s")
+        failures = sorted((m.get("failures") or {}).items(), key=lambda kv: (-kv[1], kv[0]))
+        if failures:
+            lines.append(" " * 15 + "failures: " + ", ".join(
+                f"{count} {kind.replace('_', ' ')}" for kind, count in failures))
     return "\n".join(lines)
+
+
+def nothing_solved_note(preset: str, metrics: dict) -> str | None:
+    """Why a local-preset run solved nothing, for a newcomer reading `make demo`'s 0%."""
+    if preset != "local" or any(m["accuracy"] for m in metrics["settings"].values()):
+        return None
+    return ("No problem solved: in the local preset's minutes the tiny model learns the trace "
+            "language, not yet correct searches (about 40 minutes of SFT per model on 2 cores: "
+            "docs/RESULTS.md, \"What the demo's CPU budget can teach\").")
 
 
 def _budget(total_tokens: int | dict | None) -> str:

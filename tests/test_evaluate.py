@@ -13,7 +13,7 @@ from apr import model as model_lib
 from apr.config import ConfigError, from_dict, load
 from apr.countdown.threads import Thread
 from apr.decode.runtime import Vote
-from apr.report import trace_text
+from apr.report import nothing_solved_note, summary, trace_text
 from apr.stages import evaluate
 from apr.stages.evaluate import EvalConfig, summarize
 
@@ -148,6 +148,23 @@ def test_cpu_run_with_a_tiny_model_writes_every_output(dataset, tmp_path):
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "| apr-budget2 |" in report and "accuracy_vs_latency.png" in report
     assert not (tmp_path / "eval.partial").exists()
+    # the terminal's lines: one per setting, then the failures of its unsolved solves
+    terminal = summary(metrics).splitlines()
+    assert terminal[1].startswith("  apr ") and "accuracy" in terminal[1]
+    counts = metrics["settings"]["apr"]["failures"]
+    assert terminal[2].split(" failures: ")[1] == ", ".join(
+        f"{n} {kind.replace('_', ' ')}" for kind, n in sorted(counts.items(),
+                                                              key=lambda kv: (-kv[1], kv[0])))
+    assert sum(counts.values()) == 50 - round(50 * metrics["settings"]["apr"]["accuracy"])
+
+
+@pytest.mark.parametrize("preset, accuracies, noted", [
+    ("local", [0.0, 0.0], True), ("local", [0.0, 0.05], False), ("gpu-small", [0.0, 0.0], False)])
+def test_a_local_run_that_solves_nothing_says_why(preset, accuracies, noted):
+    metrics = {"settings": {f"s{i}": {"accuracy": a} for i, a in enumerate(accuracies)}}
+    note = nothing_solved_note(preset, metrics)
+    assert (note is not None) == noted
+    assert note is None or ("trace language" in note and "docs/RESULTS.md" in note)
 
 
 def test_bad_evaluation_configs_name_the_key():
