@@ -183,7 +183,7 @@ def _models(metrics: dict) -> str:
 
 def summary(metrics: dict) -> str:
     """A few lines for a terminal: each setting's accuracy, children, tokens and latency, and
-    the failures of its unsolved solves (samples, for a setting of several)."""
+    its failed solves by kind (failed samples, for a setting of several samples)."""
     lines = [f"{metrics['problems']} {metrics['split']} problems, {_models(metrics)}"]
     for name, m in metrics["settings"].items():
         lines.append(f"  {name:<12} accuracy {100 * m['accuracy']:5.1f}%  children "

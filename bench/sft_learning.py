@@ -92,6 +92,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.hidden or args.layers:
         hidden, layers = args.hidden or 128, args.layers or 4
+        if hidden % 32 or layers < 1:
+            parser.error("--hidden must be a multiple of 32 (heads of 32) and --layers 1 or more")
         model_lib.PRESETS[CUSTOM] = model_lib.Shape(
             hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 32,
             intermediate_size=hidden * 43 // 16)
@@ -113,8 +115,10 @@ def main() -> None:
         print(f"drill: {steps} steps in {args.drill_seconds:.0f} s", flush=True)
         model_lib.build = lambda *_, **__: drilled  # SFT starts from the drilled weights
     started = time.perf_counter()
-    sft.run(config, data, run, resume=True, progress=False)
-    model_lib.build = build
+    try:
+        sft.run(config, data, run, resume=True, progress=False)
+    finally:
+        model_lib.build = build
     print(f"SFT: {args.steps} steps in {time.perf_counter() - started:.0f} s "
           f"(0 when resumed whole)", flush=True)
 

@@ -49,6 +49,9 @@ def test_a_problem_set_holds_the_problems_the_dataset_draws(written, problem_set
     drawn = json.loads((whole / "stats.json").read_text())["problems"]
     assert (described["drawn"], described["kept"]) == (drawn["drawn"], drawn["kept"])
     assert described["problems"]["seed"] == 5
+    # a part that read them counts the plan's draw in its times, as if it had drawn them
+    timed = json.loads((written[1][0] / "part.json").read_text())["seconds"]
+    assert timed["total"] >= timed["problems"] >= described["seconds"] > 0
 
 
 @pytest.mark.parametrize("case, message", [
@@ -57,6 +60,10 @@ def test_a_problem_set_holds_the_problems_the_dataset_draws(written, problem_set
     ("problem lost", "holds 59 problems, not the 60"),
     ("not a problem", "holds a line that is not a problem"),
     ("bad description", "is not a problem set's description"),
+    ("split file gone", "val.jsonl cannot be read"),
+    ("key unknown here", r"\(problems.colour is 'blue' there, 'not set' here\)"),
+    ("other release", "was drawn by apr 0.0.1, this is apr"),
+    ("bad id", "holds a line that is not a problem"),
 ])
 def test_problem_sets_that_do_not_fit_are_refused(problem_set, tmp_path, case, message):
     spoiled = tmp_path / "set"
@@ -71,6 +78,17 @@ def test_problem_sets_that_do_not_fit_are_refused(problem_set, tmp_path, case, m
         train.write_text(train.read_text().replace('"solution":["', '"solution":["x', 1))
     elif case == "bad description":
         (spoiled / "problems.json").write_text('{"drawn": 3}')
+    elif case == "split file gone":
+        (spoiled / "problems" / "val.jsonl").unlink()
+    elif case in ("key unknown here", "other release"):
+        described = json.loads((spoiled / "problems.json").read_text())
+        if case == "other release":
+            described["version"] = "0.0.1"
+        else:
+            described["problems"]["colour"] = "blue"
+        (spoiled / "problems.json").write_text(json.dumps(described))
+    elif case == "bad id":
+        train.write_text(train.read_text().replace('"id":"p', '"id":"x', 1))
     with pytest.raises(InputError, match=message):
         datagen.run(asked, tmp_path / "out", progress=False, part=Part(0, 2), problems=spoiled)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

@@ -9,6 +9,7 @@ evaluation splits fixed whatever the train size.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -41,7 +42,9 @@ class Problem:
         solution = tuple(parse_operation(text) for text in record["solution"])
         if None in solution:
             raise ValueError(f"not a solution: {record['solution']!r}")
-        return cls(str(record["id"]), tuple(int(n) for n in record["nums"]),
+        if not re.fullmatch(r"p[0-9]+", record["id"]):  # the stream index is in it
+            raise ValueError(f"not a problem id: {record['id']!r}")
+        return cls(record["id"], tuple(int(n) for n in record["nums"]),
                    int(record["target"]), solution)
 
 

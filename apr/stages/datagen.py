@@ -34,7 +34,7 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from apr import atomic, tokenizer
+from apr import __version__, atomic, tokenizer
 from apr.config import (
     InputError,
     check,
@@ -368,17 +368,17 @@ def draw(config: DatagenConfig, out: str | Path, progress: bool = True) -> dict:
         for split, split_problems in splits.items():
             _write_jsonl(partial / "problems" / f"{split}.jsonl",
                          [p.to_json() for p in split_problems])
-        record = {"problems": to_dict(config.problems), "drawn": drawn,
-                  "kept": sum(len(p) for p in splits.values()),
+        record = {"version": __version__, "problems": to_dict(config.problems),
+                  "drawn": drawn, "kept": sum(len(p) for p in splits.values()),
                   "seconds": round(time.perf_counter() - started, 2)}
         (partial / PROBLEM_SET_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 
 def read_problem_set(path: str | Path, config: DatagenConfig
-                     ) -> tuple[dict[str, list[Problem]], int]:
-    """The splits of a problem set written by `draw`, and how many candidates it drew;
-    InputError unless it holds exactly the problems `config` asks for."""
+                     ) -> tuple[dict[str, list[Problem]], int, float]:
+    """The splits of a problem set written by `draw`, how many candidates it drew and in how
+    many seconds; InputError unless it holds exactly the problems `config` asks for."""
     path = Path(path)
     marker = path / PROBLEM_SET_FILE
     if not marker.is_file():
@@ -387,12 +387,18 @@ def read_problem_set(path: str | Path, config: DatagenConfig
     try:
         record = json.loads(marker.read_text())
         drawn_with, drawn = dict(record["problems"]), int(record["drawn"])
+        seconds, version = float(record["seconds"]), str(record["version"])
     except (ValueError, KeyError, TypeError):
         raise InputError(f"{marker} is not a problem set's description: draw the problems "
                          "again") from None
+    if version != __version__:  # the draw itself may differ between releases
+        raise InputError(f"{path} was drawn by apr {version}, this is apr {__version__}: draw "
+                         "the problems again")
     wanted = to_dict(config.problems)
-    differ = [f"problems.{k} is {drawn_with.get(k)!r} there, {v!r} here"
-              for k, v in wanted.items() if drawn_with.get(k) != v]
+    differ = [f"problems.{k} is {drawn_with.get(k, 'not set')!r} there, "
+              f"{wanted.get(k, 'not set')!r} here"
+              for k in sorted(wanted.keys() | drawn_with.keys())
+              if drawn_with.get(k, 'not set') != wanted.get(k, 'not set')]
     if differ:
         raise InputError(f"{path} holds other problems than the config asks for "
                          f"({'; '.join(differ)}): draw them with the same settings")
@@ -410,7 +416,7 @@ def read_problem_set(path: str | Path, config: DatagenConfig
         if len(splits[split]) != size:
             raise InputError(f"{file} holds {len(splits[split])} problems, not the {size} its "
                              "problems.json says: draw the problems again")
-    return splits, drawn
+    return splits, drawn, seconds
 
 
 def _fresh(out: str | Path, config: DatagenConfig) -> Path:
@@ -436,20 +442,21 @@ def _write_dataset(config: DatagenConfig, partial: Path, progress: bool, part: P
     workers = config.workers or os.cpu_count() or 1
     started = time.perf_counter()
     with _pool(config) as pool:
+        drawing = 0.0  # the seconds of a draw done before, on the plan's machine: counted
         if problem_set is None:
             splits, drawn = generate_problems(config, pool, progress)
         else:
-            splits, drawn = read_problem_set(problem_set, config)
+            splits, drawn, drawing = read_problem_set(problem_set, config)
         for split, problems in splits.items():
             _write_jsonl(partial / "problems" / f"{split}.jsonl", [p.to_json() for p in problems])
-        problems_seconds = time.perf_counter() - started
+        problems_seconds = drawing + time.perf_counter() - started
         metrics, first_file = {}, 0
         for split, problems in splits.items():
             metrics[split] = write_traces(split, problems, config, partial, pool, progress,
                                           part if part is not None else WHOLE, first_file)
             first_file += math.ceil(len(problems) / config.shard_size)
     tokenizer.save(partial / "tokenizer")
-    seconds = time.perf_counter() - started
+    seconds = drawing + time.perf_counter() - started
     total = sum(len(p) for p in splits.values())
     stats = {
         "problems": {"drawn": drawn, "kept": total, "duplicates_dropped": drawn - total},
