@@ -12,6 +12,8 @@ import random
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from operator import itemgetter
+from typing import Callable
 
 from apr.config import InputError
 from apr.countdown.search import combinations
@@ -104,21 +106,18 @@ def _split_indices(n: int) -> tuple[tuple[tuple[int, ...], tuple[int, ...]], ...
     return tuple(out)
 
 
+@lru_cache(maxsize=None)
+def _split_getters(n: int) -> tuple[tuple[Callable, Callable], ...]:
+    """`_split_indices(n)` as functions that cut a tuple (itemgetter: the draw's hot path)."""
+    def getter(indices: tuple[int, ...]) -> Callable:
+        if len(indices) == 1:
+            return lambda nums, i=indices[0]: (nums[i],)
+        return itemgetter(*indices)
+    return tuple((getter(left), getter(right)) for left, right in _split_indices(n))
+
+
 def _splits(nums: tuple[int, ...]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-    return [(tuple(nums[i] for i in left), tuple(nums[i] for i in right))
-            for left, right in _split_indices(len(nums))]
-
-
-def _partners(x: int, target: int) -> tuple[int, ...]:
-    """The values y for which one operation on x and y gives `target`."""
-    out = [target - x, x - target, x + target]  # x+y, x-y, y-x
-    if x:  # division by x or into a zero result is not a move of the game
-        out.append(x * target)  # y/x
-        if target % x == 0:
-            out.append(target // x)  # x*y
-        if target and x % target == 0:
-            out.append(x // target)  # x/y
-    return tuple(out)
+    return [(left(nums), right(nums)) for left, right in _split_getters(len(nums))]
 
 
 def solvable(nums: tuple[int, ...], target: int) -> bool:
@@ -133,9 +132,15 @@ def solvable(nums: tuple[int, ...], target: int) -> bool:
         big, small = (left, right) if len(left) >= len(right) else (right, left)
         others = reachable(big)
         for x in reachable(small):
-            for y in _partners(x, target):
-                if y in others:
-                    return True
+            # Is there a y in `others` with x op y == target? Each operation inverted, inline
+            # (this loop is most of the draw's time): x+y, x-y, y-x; then, as division by x
+            # or into a zero result is not a move of the game, y/x, x*y and x/y.
+            if target - x in others or x - target in others or x + target in others:
+                return True
+            if x and (x * target in others
+                      or (target % x == 0 and target // x in others)
+                      or (target and x % target == 0 and x // target in others)):
+                return True
     return False
 
 
