@@ -1,5 +1,5 @@
-"""A dataset written in parts: which part writes which trace file, the file that marks a
-part, and the numbers behind stats.json, which the merge joins across parts.
+"""A dataset written in parts: which part writes which trace file, the files that mark a part
+and a problem set, and the numbers behind stats.json, which the merge joins across parts.
 
 The datagen stage writes whole datasets and parts (apr/stages/datagen.py); its merge joins
 parts (apr/stages/datagen_merge.py). Both share what is here.
@@ -7,10 +7,15 @@ parts (apr/stages/datagen_merge.py). Both share what is here.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, TypeVar
 
 from apr.config import InputError
 from apr.summary import describe
+
+T = TypeVar("T")
 
 PART_FILE = "part.json"  # marks one part of a dataset written over several machines
 
@@ -44,6 +49,20 @@ class Part:
 
 
 WHOLE = Part()
+
+
+def read_marker(directory: Path, name: str, parse: Callable[[dict], T], missing: str,
+                bad: str) -> T:
+    """The JSON file `name` that marks what `directory` is (a part, a problem set), through
+    `parse`; one-line InputErrors, `directory` + `missing` when the file is not there and the
+    file + `bad` when it does not parse."""
+    marker = directory / name
+    if not marker.is_file():
+        raise InputError(f"{directory} {missing}")
+    try:
+        return parse(json.loads(marker.read_text()))
+    except (ValueError, KeyError, TypeError):
+        raise InputError(f"{marker} {bad}") from None
 
 
 METRICS = ("apr_solved", "apr_children", "apr_chars_path", "apr_chars_longest", "apr_chars_total",

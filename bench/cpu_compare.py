@@ -150,9 +150,9 @@ def print_table(metrics: dict) -> None:
               f" | " + " | ".join(f"{100 * at[str(c)]:.1f}%" for c in CONTEXTS) + " |")
 
 
-def results(path: Path) -> dict[str, dict[int, dict]]:
+def results(path: Path) -> dict[str, dict[str, dict]]:
     """An evaluation's result rows by setting, then by problem id."""
-    out: dict[str, dict[int, dict]] = {}
+    out: dict[str, dict[str, dict]] = {}
     for line in (path / "results.jsonl").read_text().splitlines():
         r = json.loads(line)
         out.setdefault(r["setting"], {})[r["id"]] = r

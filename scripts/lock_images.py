@@ -19,6 +19,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from apr import atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 EXCLUDE_NEWER = "2026-12-01T00:00:00Z"
 COMMAND = "python scripts/lock_images.py"
@@ -96,9 +98,7 @@ def main() -> int:
             if not lock.path.is_file() or lock.path.read_text() != text:
                 stale.append(lock.path.relative_to(ROOT))
             continue
-        partial = lock.path.with_suffix(".lock.partial")
-        partial.write_text(text)
-        partial.replace(lock.path)
+        atomic.write_text(lock.path, text)
         print(f"wrote {lock.path.relative_to(ROOT)} ({text.count('==')} packages)")
     if stale:
         print(f"not current: {', '.join(map(str, stale))}: run `{COMMAND}`", file=sys.stderr)

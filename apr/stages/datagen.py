@@ -48,7 +48,15 @@ from apr.countdown.problems import SPLITS, Problem, ProblemSpace, candidates
 from apr.countdown.search import HEURISTICS, SearchParams, apr_search, sos_search
 from apr.countdown.threads import apr_threads, final_text, sos_threads
 from apr.countdown.trace import SUB_CALL_BUDGET, TOKEN_BUDGET, Budget, token_budget
-from apr.datagen_parts import METRICS, PART_FILE, WHOLE, Part, concatenate, summarize
+from apr.datagen_parts import (
+    METRICS,
+    PART_FILE,
+    WHOLE,
+    Part,
+    concatenate,
+    read_marker,
+    summarize,
+)
 from apr.resources import check_fits
 
 SECTION = "datagen"
@@ -380,17 +388,11 @@ def read_problem_set(path: str | Path, config: DatagenConfig
     """The splits of a problem set written by `draw`, how many candidates it drew and in how
     many seconds; InputError unless it holds exactly the problems `config` asks for."""
     path = Path(path)
-    marker = path / PROBLEM_SET_FILE
-    if not marker.is_file():
-        raise InputError(f"{path} is not a problem set (no {PROBLEM_SET_FILE}): write one with "
-                         "`apr datagen --problems-only`")
-    try:
-        record = json.loads(marker.read_text())
-        drawn_with, drawn = dict(record["problems"]), int(record["drawn"])
-        seconds, version = float(record["seconds"]), str(record["version"])
-    except (ValueError, KeyError, TypeError):
-        raise InputError(f"{marker} is not a problem set's description: draw the problems "
-                         "again") from None
+    drawn_with, drawn, seconds, version = read_marker(
+        path, PROBLEM_SET_FILE, lambda record: (dict(record["problems"]), int(record["drawn"]),
+                                                float(record["seconds"]), str(record["version"])),
+        f"is not a problem set (no {PROBLEM_SET_FILE}): write one with `apr datagen "
+        "--problems-only`", "is not a problem set's description: draw the problems again")
     if version != __version__:  # the draw itself may differ between releases
         raise InputError(f"{path} was drawn by apr {version}, this is apr {__version__}: draw "
                          "the problems again")
@@ -430,16 +432,19 @@ def _fresh(out: str | Path, config: DatagenConfig) -> Path:
     return out
 
 
+def _workers(config: DatagenConfig) -> int:
+    return config.workers or os.cpu_count() or 1
+
+
 def _pool(config: DatagenConfig):
     ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    return ctx.Pool(config.workers or os.cpu_count() or 1)
+    return ctx.Pool(_workers(config))
 
 
 def _write_dataset(config: DatagenConfig, partial: Path, progress: bool, part: Part | None,
                    problem_set: str | Path | None) -> dict:
     for d in ("problems", "traces/apr", "traces/sos"):
         (partial / d).mkdir(parents=True)
-    workers = config.workers or os.cpu_count() or 1
     started = time.perf_counter()
     with _pool(config) as pool:
         drawing = 0.0  # the seconds of a draw done before, on the plan's machine: counted
@@ -460,7 +465,7 @@ def _write_dataset(config: DatagenConfig, partial: Path, progress: bool, part: P
     total = sum(len(p) for p in splits.values())
     stats = {
         "problems": {"drawn": drawn, "kept": total, "duplicates_dropped": drawn - total},
-        "workers": workers,
+        "workers": _workers(config),
         "seconds": {"problems": round(problems_seconds, 2), "total": round(seconds, 2)},
     }
     (partial / "config.yaml").write_text(dump(config, SECTION))

@@ -20,7 +20,7 @@ from pathlib import Path
 from apr import atomic
 from apr.config import InputError
 from apr.countdown.problems import SPLITS
-from apr.datagen_parts import PART_FILE, concatenate, summarize
+from apr.datagen_parts import PART_FILE, concatenate, read_marker, summarize
 
 SHARED = ("config.yaml", "problems", "tokenizer")  # identical in every part
 
@@ -33,21 +33,20 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def _parse_part(part: dict) -> dict:
+    described = {**part, "index": int(part["index"]), "count": int(part["count"])}
+    for key, fields in (("seconds", ("total", "problems")), ("problems", ("kept",))):
+        for field in fields:  # the numbers the merged stats.json is made of
+            float(described[key][field])
+    int(described["workers"])
+    return described
+
+
 def _read_part(path: Path) -> dict:
-    marker = path / PART_FILE
-    if not marker.is_file():
-        raise InputError(f"{path} is not a part of a dataset (no {PART_FILE}): pass the outputs "
-                         "of `apr datagen --part I/N`")
-    try:
-        part = json.loads(marker.read_text())
-        described = {**part, "index": int(part["index"]), "count": int(part["count"])}
-        for key, fields in (("seconds", ("total", "problems")), ("problems", ("kept",))):
-            for field in fields:  # the numbers the merged stats.json is made of
-                float(described[key][field])
-        int(described["workers"])
-        return described
-    except (ValueError, KeyError, TypeError):
-        raise InputError(f"{marker} is not a part description: regenerate that part") from None
+    return read_marker(path, PART_FILE, _parse_part,
+                       f"is not a part of a dataset (no {PART_FILE}): pass the outputs of "
+                       "`apr datagen --part I/N`", "is not a part description: regenerate "
+                       "that part")
 
 
 def _expected_files(path: Path) -> dict[str, int]:
